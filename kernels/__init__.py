@@ -1,0 +1,1 @@
+"""Triton kernels of fastsmooth: fused noise + perturbation, argmax voting (see each module)."""
