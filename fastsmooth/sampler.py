@@ -1,0 +1,269 @@
+"""The engine: noisy copies -> model -> votes, on one device, with no statistics in it.
+
+Work is a list of ``Job``s (one image, a range of copy indices); the engine packs the copies of all
+jobs into full batches of one reusable buffer, runs the model and accumulates per-job vote counts
+(or softmax sums) on the model's device, and reads them back once, at the end of the call.
+
+Reproducibility (DESIGN §5): the noise of copy c of image i is a pure function of (seed, i, c), in
+both backends, so counts do not depend on batch size nor on which images share a batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .noises import Noise
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BACKENDS = ("auto", "torch", "triton")
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The base classifier produced NaN or inf logits: such a copy has no vote (DESIGN §5)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """Copies ``first_copy .. first_copy + count - 1`` of image ``image_index`` (pixels ``x``, CHW)."""
+
+    x: torch.Tensor
+    image_index: int
+    first_copy: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``row .. row + count - 1`` of a batch hold copies ``first_copy ..`` of packed image ``slot``."""
+
+    slot: int
+    image_index: int
+    first_copy: int
+    count: int
+    row: int
+
+
+def mix_seed(*words: int) -> int:
+    """A 63-bit seed from integers, by chained splitmix64 finalizers (Steele et al. 2014)."""
+    h = 0x9E3779B97F4A7C15
+    for w in words:
+        h = (h ^ (int(w) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class TorchBackend:
+    """Reference engine backend in plain torch; runs on any device.
+
+    Noise comes from ``noise.sample`` (the exact sampler, so its total-variation distance tau from
+    the ideal law is 0) in chunks of ``CHUNK`` copies, each chunk drawn from a generator seeded by
+    (seed, image, chunk index): copy c of image i is a pure function of (seed, i, c).
+    """
+
+    name = "torch"
+    CHUNK = 64
+
+    def __init__(self):
+        self._cached = (None, None)  # the last chunk drawn: a batch edge usually splits one
+
+    def tv_bound(self, noise: Noise, dim: int) -> float:
+        return 0.0
+
+    def _chunk(self, noise, seed, image_index, chunk, shape, device) -> torch.Tensor:
+        key = (noise, seed, image_index, chunk, shape, str(device))
+        if self._cached[0] != key:
+            gen = torch.Generator(device=device).manual_seed(mix_seed(seed, image_index, chunk))
+            self._cached = (key, noise.sample((self.CHUNK, *shape), generator=gen))
+        return self._cached[1]
+
+    def fill(self, out, xs, segments: Sequence[Segment], noise: Noise, seed: int) -> None:
+        shape = tuple(xs.shape[1:])
+        for seg in segments:
+            x = xs[seg.slot]
+            copy, end, row = seg.first_copy, seg.first_copy + seg.count, seg.row
+            while copy < end:
+                chunk, start = divmod(copy, self.CHUNK)
+                take = min(self.CHUNK - start, end - copy)
+                eps = self._chunk(noise, seed, seg.image_index, chunk, shape, xs.device)[start:start + take]
+                # Noise added in float32; only x + eps is cast to the model's precision (DESIGN §5).
+                out[row:row + take].copy_(eps + x)
+                copy, row = copy + take, row + take
+
+    def vote(self, logits, slots, counts, nonfinite) -> None:
+        finite = torch.isfinite(logits).all(dim=1)
+        nonfinite += (~finite).sum()
+        flat = slots * counts.shape[1] + logits.argmax(dim=1)
+        # Weighted by `finite` rather than masked: no host sync, and a non-finite row adds 0.
+        counts.view(-1).scatter_add_(0, flat, finite.to(counts.dtype))
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16 on this CPU (Linux /proc/cpuinfo): bf16 autocast is then fast."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+        return torch.bfloat16 if fast else torch.float32
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected auto, {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def make_backend(backend: str, device: torch.device):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if backend == "torch":
+        return TorchBackend()
+    from .kernels.backend import TritonBackend  # imported lazily: triton is optional off Linux
+
+    return TritonBackend(device)
+
+
+@lru_cache(maxsize=None)
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+class Sampler:
+    """Runs a base classifier on noisy copies and counts its votes.
+
+    ``precision`` is the dtype the perturbed input x + eps is cast to and the model runs in (bf16 /
+    fp16 through autocast): that cast is part of the base classifier being certified (DESIGN §5).
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, noise: Noise, *, backend: str = "auto",
+                 precision: str = "auto", seed: int = 0, device=None, channels_last="auto"):
+        if int(num_classes) != num_classes or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if not isinstance(noise, Noise):
+            raise TypeError(f"noise must be a fastsmooth noise (Gaussian, Laplace, ...), got {noise!r}")
+        self.device = torch.device(device) if device is not None else model_device(model)
+        self.model = model.to(self.device).eval()
+        self.num_classes = int(num_classes)
+        self.noise = noise
+        self.seed = int(seed)
+        self.dtype = resolve_precision(precision, self.device)
+        self.backend = make_backend(backend, self.device)
+        if channels_last == "auto":
+            channels_last = self.device.type == "cuda" or self.dtype != torch.float32
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._buffer: Optional[torch.Tensor] = None
+
+    @property
+    def precision(self) -> str:
+        return {v: k for k, v in PRECISIONS.items()}[self.dtype]
+
+    def tv_bound(self, dim: int) -> float:
+        """tau: total-variation distance of one copy's noise from the ideal law (DESIGN §5)."""
+        return self.backend.tv_bound(self.noise, dim)
+
+    def _batch_buffer(self, batch_size: int, shape) -> torch.Tensor:
+        buf = self._buffer
+        if buf is None or buf.shape[0] < batch_size or tuple(buf.shape[1:]) != tuple(shape):
+            buf = torch.empty((batch_size, *shape), dtype=self.dtype, device=self.device)
+            if self.channels_last and buf.dim() == 4:
+                buf = buf.to(memory_format=torch.channels_last)
+            self._buffer = buf
+        return buf[:batch_size]
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        amp = self.dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=amp):
+            logits = self.model(batch)
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"the model returned logits of shape {tuple(logits.shape)}; expected "
+                             f"(batch, {self.num_classes}) for num_classes={self.num_classes}")
+        return logits
+
+    def _batches(self, jobs: Sequence[Job], batch_size: int):
+        """Yield (rows, segments) covering every job's copies in order, ``batch_size`` rows at a time."""
+        segments, row = [], 0
+        for slot, job in enumerate(jobs):
+            copy, left = job.first_copy, job.count
+            while left:
+                take = min(left, batch_size - row)
+                segments.append(Segment(slot, job.image_index, copy, take, row))
+                copy, left, row = copy + take, left - take, row + take
+                if row == batch_size:
+                    yield row, segments
+                    segments, row = [], 0
+        if row:
+            yield row, segments
+
+    @torch.inference_mode()
+    def run(self, jobs: Sequence[Job], batch_size: int = 1000, soft: bool = False) -> torch.Tensor:
+        """Per-job totals on the CPU: int64 vote counts (M, K), or float64 softmax sums with soft=True."""
+        if int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not jobs:
+            return torch.zeros((0, self.num_classes), dtype=torch.float64 if soft else torch.int64)
+        shape = tuple(jobs[0].x.shape)
+        for job in jobs:
+            if tuple(job.x.shape) != shape:
+                raise ValueError(f"all images of one call must share a shape; got {shape} and {tuple(job.x.shape)}")
+            if job.count < 0 or job.first_copy < 0:
+                raise ValueError("copy ranges must be non-negative")
+        xs = torch.stack([job.x.to(self.device, torch.float32) for job in jobs])
+        totals = torch.zeros((len(jobs), self.num_classes), device=self.device,
+                             dtype=torch.float64 if soft else torch.int64)
+        nonfinite = torch.zeros(1, dtype=torch.int64, device=self.device)
+        buf = self._batch_buffer(min(int(batch_size), sum(j.count for j in jobs)) or 1, shape)
+        for rows, segments in self._batches(jobs, int(batch_size)):
+            batch = buf[:rows]
+            self.backend.fill(batch, xs, segments, self.noise, self.seed)
+            logits = self._forward(batch)
+            slots = _row_slots(segments, rows, self.device)
+            if soft:
+                finite = torch.isfinite(logits).all(dim=1)
+                nonfinite += (~finite).sum()
+                probs = torch.softmax(logits.float(), dim=1).double() * finite[:, None]
+                totals.index_add_(0, slots, torch.nan_to_num(probs))
+            else:
+                self.backend.vote(logits, slots, totals, nonfinite)
+        bad = int(nonfinite.item())  # the one host sync of the call, with the counts below
+        if bad:
+            raise NonFiniteLogitsError(
+                f"the model returned NaN or inf logits for {bad} noisy copies; a non-finite output "
+                "cannot be counted as a vote (check the model, its input range and the precision)")
+        return totals.cpu()
+
+
+def _row_slots(segments: Sequence[Segment], rows: int, device) -> torch.Tensor:
+    """The packed-image slot of every row of a batch (int64, on ``device``)."""
+    if len(segments) == 1:
+        return torch.full((rows,), segments[0].slot, dtype=torch.int64, device=device)
+    slots = torch.cat([torch.full((s.count,), s.slot, dtype=torch.int64) for s in segments])
+    return slots.to(device, non_blocking=True)
+
+
+def input_dim(x: torch.Tensor) -> int:
+    return math.prod(x.shape)

@@ -1,0 +1,175 @@
+"""The smoothed classifier: Cohen et al.'s PREDICT and CERTIFY on top of the engine.
+
+    g(x) = argmax_c P_{eps ~ p}[f(x + eps) = c]
+
+CERTIFY (Cohen, Rosenfeld & Kolter 2019, Algorithm / Theorem 1): n0 selection votes pick c_A; n fresh,
+independent votes count n_A; p_lower is the one-sided (1 - alpha) Clopper-Pearson bound on p_A. With
+probability >= 1 - alpha over the sampling, either the answer is ABSTAIN or g(x) = c_A on the ball
+of the returned radius. The selection votes never enter the bound.
+
+PREDICT (Cohen et al., Theorem 2): with probability >= 1 - alpha the answer is g(x) or ABSTAIN.
+
+Copy indices (the noise of a copy is a pure function of (seed, image_index, copy)): CERTIFY's
+selection uses copies [0, n0), its estimation [n0, n0 + n); PREDICT and probabilities use [0, n).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .noises import Noise, NORMS
+from .sampler import Job, Sampler
+from .stats import clopper_pearson_lower, predict_from_counts
+
+
+@dataclass
+class Certificate:
+    """The result of CERTIFY for one image. prediction = -1 means ABSTAIN (radius 0)."""
+
+    prediction: int
+    radius: float
+    norm: str
+    p_lower: float
+    n: int
+    n0: int
+    alpha: float
+    counts: torch.Tensor = field(repr=False)   # estimation votes per class (int64)
+    counts0: torch.Tensor = field(repr=False)  # selection votes per class (int64)
+    image_index: int = 0
+    seconds: float = 0.0
+
+    @property
+    def abstained(self) -> bool:
+        return self.prediction == Smooth.ABSTAIN
+
+
+@dataclass
+class Prediction:
+    """The result of PREDICT for one image. prediction = -1 means ABSTAIN."""
+
+    prediction: int
+    n: int
+    alpha: float
+    counts: torch.Tensor = field(repr=False)
+    image_index: int = 0
+    seconds: float = 0.0
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or int(value) != value or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_alpha(alpha) -> float:
+    if not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
+    return float(alpha)
+
+
+def _groups(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while group := list(itertools.islice(it, size)):
+        yield group
+
+
+class Smooth:
+    """A randomized-smoothing classifier around ``model`` (which maps inputs in its own input space,
+    normalization included, to ``num_classes`` logits).
+
+    backend: "auto" (Triton kernels on CUDA, torch elsewhere), "torch" or "triton".
+    precision: "auto" (bf16 on CUDA and on CPUs with AMX / AVX512-BF16, else fp32), "fp32", "bf16",
+    "fp16"; noise is always drawn and added in float32, only x + eps is cast (DESIGN §5).
+    """
+
+    ABSTAIN = -1
+
+    def __init__(self, model: nn.Module, num_classes: int, noise: Noise, *, backend: str = "auto",
+                 precision: str = "auto", seed: int = 0, device=None, channels_last="auto"):
+        self.sampler = Sampler(model, num_classes, noise, backend=backend, precision=precision,
+                               seed=seed, device=device, channels_last=channels_last)
+        self.noise = noise
+        self.num_classes = self.sampler.num_classes
+
+    @property
+    def metadata(self) -> dict:
+        """What defines the base classifier and the sampling: to be stored beside the results."""
+        s = self.sampler
+        return {"noise": self.noise.spec(), "backend": s.backend.name, "precision": s.precision,
+                "channels_last": s.channels_last, "seed": s.seed, "device": str(s.device)}
+
+    # -- CERTIFY ---------------------------------------------------------------------------
+    def certify(self, x: torch.Tensor, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
+                batch_size: int = 1000, norm: Optional[str] = None, image_index: int = 0) -> Certificate:
+        """Certify one image x (CHW, in the model's input space)."""
+        return next(self.certify_many([(image_index, x)], n0=n0, n=n, alpha=alpha,
+                                      batch_size=batch_size, norm=norm))
+
+    def certify_many(self, items: Iterable[Tuple[int, torch.Tensor]], n0: int = 100, n: int = 100_000,
+                     alpha: float = 0.001, batch_size: int = 1000, norm: Optional[str] = None,
+                     images_per_group: Optional[int] = None) -> Iterator[Certificate]:
+        """Certify a stream of (image_index, x); yields one Certificate per image, in order.
+
+        Images are certified in groups whose copies share full batches: the selection phases of
+        a group run together, then their estimation phases, each phase read back once.
+        """
+        n0, n = _check_positive_int("n0", n0), _check_positive_int("n", n)
+        batch_size = _check_positive_int("batch_size", batch_size)
+        alpha = _check_alpha(alpha)
+        norm = norm or self.noise.default_norm
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
+        group_size = images_per_group or max(1, min(16, batch_size // n0))
+        for group in _groups(items, group_size):
+            start = time.perf_counter()
+            counts0 = self.sampler.run([Job(x, i, 0, n0) for i, x in group], batch_size)
+            guesses = counts0.argmax(dim=1).tolist()  # c_A per image: ties to the lowest class
+            counts = self.sampler.run([Job(x, i, n0, n) for i, x in group], batch_size)
+            seconds = (time.perf_counter() - start) / len(group)
+            for (index, x), c_a, c0, c in zip(group, guesses, counts0, counts):
+                p_lower = self._lower_bound(int(c[c_a]), n, alpha, x)
+                if p_lower < 0.5:
+                    prediction, radius = self.ABSTAIN, 0.0
+                else:
+                    prediction, radius = c_a, self.noise.radius(p_lower, norm, x.numel())
+                yield Certificate(prediction, radius, norm, p_lower, n, n0, alpha, c, c0, index, seconds)
+
+    def _lower_bound(self, n_a: int, n: int, alpha: float, x: torch.Tensor) -> float:
+        # A sampler at total-variation distance tau from the ideal noise moves p_A by at most tau
+        # (DESIGN §5), so tau comes off the Clopper-Pearson bound.
+        tau = self.sampler.tv_bound(x.numel())
+        return max(0.0, clopper_pearson_lower(n_a, n, alpha) - tau)
+
+    # -- PREDICT ---------------------------------------------------------------------------
+    def predict(self, x: torch.Tensor, n: int = 100_000, alpha: float = 0.001, batch_size: int = 1000,
+                image_index: int = 0) -> int:
+        """Cohen's PREDICT for one image: the class, or -1 (ABSTAIN)."""
+        return next(self.predict_many([(image_index, x)], n=n, alpha=alpha, batch_size=batch_size)).prediction
+
+    def predict_many(self, items: Iterable[Tuple[int, torch.Tensor]], n: int = 100_000, alpha: float = 0.001,
+                     batch_size: int = 1000, images_per_group: Optional[int] = None) -> Iterator[Prediction]:
+        n, batch_size = _check_positive_int("n", n), _check_positive_int("batch_size", batch_size)
+        alpha = _check_alpha(alpha)
+        group_size = images_per_group or max(1, min(16, math.ceil(batch_size / n)))
+        for group in _groups(items, group_size):
+            start = time.perf_counter()
+            counts = self.sampler.run([Job(x, i, 0, n) for i, x in group], batch_size)
+            seconds = (time.perf_counter() - start) / len(group)
+            for (index, _), c in zip(group, counts):
+                yield Prediction(predict_from_counts(c.tolist(), alpha), n, alpha, c, index, seconds)
+
+    # -- estimates -------------------------------------------------------------------------
+    def probabilities(self, x: torch.Tensor, n: int, batch_size: int = 1000, soft: bool = False,
+                      image_index: int = 0) -> torch.Tensor:
+        """Monte-Carlo estimate over n copies: vote frequencies of the hard smoothed classifier g, or
+        with soft=True the mean softmax of the soft smoothed classifier G. An estimate, no bound."""
+        n = _check_positive_int("n", n)
+        totals = self.sampler.run([Job(x, image_index, 0, n)], batch_size, soft=soft)[0]
+        return totals.double() / n
