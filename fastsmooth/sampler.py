@@ -159,7 +159,8 @@ class Sampler:
     """
 
     def __init__(self, model: nn.Module, num_classes: int, noise: Noise, *, backend: str = "auto",
-                 precision: str = "auto", seed: int = 0, device=None, channels_last="auto"):
+                 precision: str = "auto", seed: int = 0, device=None, channels_last="auto",
+                 cuda_graph="auto"):
         if int(num_classes) != num_classes or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         if not isinstance(noise, Noise):
@@ -177,6 +178,11 @@ class Sampler:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self._buffer: Optional[torch.Tensor] = None
+        self._slots: Optional[torch.Tensor] = None
+        # On CUDA the forward of a full batch is captured once in a CUDA graph over the static batch
+        # buffer and replayed: one launch instead of one per layer. Falls back to eager if capture fails.
+        self.cuda_graph = self.device.type == "cuda" if cuda_graph == "auto" else bool(cuda_graph)
+        self._graph = None
 
     @property
     def precision(self) -> str:
@@ -197,12 +203,36 @@ class Sampler:
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         amp = self.dtype != torch.float32
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=amp):
+        # cache_enabled=False: autocast's weight-cast cache cannot live across CUDA-graph replays.
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=amp, cache_enabled=False):
             logits = self.model(batch)
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"the model returned logits of shape {tuple(logits.shape)}; expected "
                              f"(batch, {self.num_classes}) for num_classes={self.num_classes}")
         return logits
+
+    def _graphed_forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """The forward of a full batch through a CUDA graph captured on first use."""
+        key = (batch.data_ptr(), tuple(batch.shape))
+        if self._graph is None or self._graph[0] != key:
+            try:
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # warm-up outside the graph (cuDNN autotuning, lazy init)
+                        self._forward(batch)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    logits = self._forward(batch)
+                self._graph = (key, graph, logits)
+            except RuntimeError as exc:  # a model with host syncs or dynamic shapes: stay eager
+                import warnings
+                warnings.warn(f"CUDA graph capture failed, running eagerly: {exc}")
+                self.cuda_graph, self._graph = False, None
+                return self._forward(batch)
+        self._graph[1].replay()
+        return self._graph[2]
 
     def _batches(self, jobs: Sequence[Job], batch_size: int):
         """Yield (rows, segments) covering every job's copies in order, ``batch_size`` rows at a time."""
@@ -218,6 +248,15 @@ class Sampler:
                     segments, row = [], 0
         if row:
             yield row, segments
+
+    def _row_slots(self, segments: Sequence[Segment], rows: int) -> torch.Tensor:
+        """The packed-image slot of every row of a batch, written on the device by one fill per
+        segment: no host-to-device copy, hence no host sync."""
+        if self._slots is None or self._slots.shape[0] < rows:
+            self._slots = torch.empty(max(rows, 1), dtype=torch.int64, device=self.device)
+        for seg in segments:
+            self._slots[seg.row:seg.row + seg.count].fill_(seg.slot)
+        return self._slots[:rows]
 
     @torch.inference_mode()
     def run(self, jobs: Sequence[Job], batch_size: int = 1000, soft: bool = False) -> torch.Tensor:
@@ -240,8 +279,9 @@ class Sampler:
         for rows, segments in self._batches(jobs, int(batch_size)):
             batch = buf[:rows]
             self.backend.fill(batch, xs, segments, self.noise, self.seed)
-            logits = self._forward(batch)
-            slots = _row_slots(segments, rows, self.device)
+            full = rows == buf.shape[0]
+            logits = self._graphed_forward(batch) if self.cuda_graph and full else self._forward(batch)
+            slots = self._row_slots(segments, rows)
             if soft:
                 finite = torch.isfinite(logits).all(dim=1)
                 nonfinite += (~finite).sum()
@@ -255,14 +295,6 @@ class Sampler:
                 f"the model returned NaN or inf logits for {bad} noisy copies; a non-finite output "
                 "cannot be counted as a vote (check the model, its input range and the precision)")
         return totals.cpu()
-
-
-def _row_slots(segments: Sequence[Segment], rows: int, device) -> torch.Tensor:
-    """The packed-image slot of every row of a batch (int64, on ``device``)."""
-    if len(segments) == 1:
-        return torch.full((rows,), segments[0].slot, dtype=torch.int64, device=device)
-    slots = torch.cat([torch.full((s.count,), s.slot, dtype=torch.int64) for s in segments])
-    return slots.to(device, non_blocking=True)
 
 
 def input_dim(x: torch.Tensor) -> int:

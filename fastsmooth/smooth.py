@@ -92,9 +92,11 @@ class Smooth:
     ABSTAIN = -1
 
     def __init__(self, model: nn.Module, num_classes: int, noise: Noise, *, backend: str = "auto",
-                 precision: str = "auto", seed: int = 0, device=None, channels_last="auto"):
+                 precision: str = "auto", seed: int = 0, device=None, channels_last="auto",
+                 cuda_graph="auto"):
         self.sampler = Sampler(model, num_classes, noise, backend=backend, precision=precision,
-                               seed=seed, device=device, channels_last=channels_last)
+                               seed=seed, device=device, channels_last=channels_last,
+                               cuda_graph=cuda_graph)
         self.noise = noise
         self.num_classes = self.sampler.num_classes
 
@@ -103,7 +105,7 @@ class Smooth:
         """What defines the base classifier and the sampling: to be stored beside the results."""
         s = self.sampler
         return {"noise": self.noise.spec(), "backend": s.backend.name, "precision": s.precision,
-                "channels_last": s.channels_last, "seed": s.seed, "device": str(s.device)}
+                "channels_last": s.channels_last, "cuda_graph": s.cuda_graph, "seed": s.seed, "device": str(s.device)}
 
     # -- CERTIFY ---------------------------------------------------------------------------
     def certify(self, x: torch.Tensor, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
