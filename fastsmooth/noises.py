@@ -33,6 +33,11 @@ def convert_radius(radius: float, src: str, dst: str, dim: int) -> float:
     return radius / dim ** (1.0 / a - 1.0 / b)
 
 
+def _log_inv_2q(p: float) -> float:
+    """log(1 / (2 (1 - p))), the Laplace-type radius factor; +inf at p = 1 (math.log(0) would raise)."""
+    return math.inf if p >= 1.0 else -math.log(2.0 * (1.0 - p))
+
+
 def _check_norm(norm: str) -> str:
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
@@ -166,7 +171,7 @@ class Laplace(Noise):
 
     def _direct_radii(self, p, lam, dim):
         # Teng et al. 2020 / Yang et al. 2020 (rs4a): R_1 = -lambda log(2(1 - p_A)).
-        return {"l1": -lam * math.log(2.0 * (1.0 - p))}
+        return {"l1": lam * _log_inv_2q(p)}
 
 
 class Uniform(Noise):
@@ -237,7 +242,7 @@ class ExpInf(Noise):
             radii["l1"] = 2.0 * lam * dim / (dim - 1) * math.exp(log_ratio) * (p - 0.5)
         if k == 1.0:
             # k = 1 is an l_inf-norm Laplace-type density: R_inf = lambda log(1 / (2(1 - p))).
-            radii["linf"] = -lam * math.log(2.0 * (1.0 - p))
+            radii["linf"] = lam * _log_inv_2q(p)
         if not radii:  # d = 1: ||x||_inf = |x|, the density is generalized-normal; no certificate here.
             radii["l1"] = 0.0
         return radii
