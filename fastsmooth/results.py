@@ -109,3 +109,190 @@ def _atomic_write_json(path: str, data: dict) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True, default=str)
     os.replace(tmp, path)
+
+
+# == reading (for `fastsmooth analyze`) ============================================================
+# Self-contained: reads the TSV files of Cohen et al.'s certify.py / predict.py (and Salman et al.'s,
+# which write the same columns) and fastsmooth's. Tolerated: the time column as float seconds or as
+# str(datetime.timedelta) ("0:00:01.234567", "1 day, 0:00:01"); the radius as "%.4f", "{:.3}" or
+# "%.6g"; extra columns after the first ones; blank lines; "#" comment / metadata lines (anywhere);
+# a repeated header line (files appended to by a second run); and a torn last line (a file being
+# written: the last line has no newline and does not parse). PREDICT files have no radius column.
+
+import math as _math
+import re as _re
+from dataclasses import dataclass as _dataclass, field as _field
+
+REQUIRED_COLUMNS = ("idx", "label", "predict", "correct")
+_TIMEDELTA = _re.compile(r"^(?:(-?\d+) days?, )?(\d+):(\d{1,2}):(\d{1,2}(?:\.\d*)?)$")
+_TRUE, _FALSE = ("1", "true", "True", "TRUE"), ("0", "false", "False", "FALSE")
+
+
+class ResultsFormatError(ValueError):
+    """A result file that cannot be read as rows of Cohen's / fastsmooth's TSV format."""
+
+
+@_dataclass
+class ResultRow:
+    """One image of a result file. predict == -1 is ABSTAIN."""
+
+    idx: int
+    label: int
+    predict: int
+    correct: bool
+    radius: Optional[float] = None  # None in PREDICT files (no radius column)
+    time: Optional[float] = None    # seconds; None without a time column
+    extra: dict = _field(default_factory=dict)  # any further columns, as strings
+
+    @property
+    def abstained(self) -> bool:
+        return self.predict == -1
+
+
+@_dataclass
+class Results:
+    """The rows of one result file, its header and its metadata.
+
+    metadata: ``#`` lines of the TSV ("# key: value", "# key = value" or "# {json}") and, when it
+    exists, the side file ``PATH.meta.json`` that fastsmooth writes (the side file wins).
+    """
+
+    path: str
+    columns: list
+    rows: list
+    metadata: dict = _field(default_factory=dict)
+
+    @property
+    def has_radius(self) -> bool:
+        return "radius" in self.columns
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def parse_time(text: str) -> float:
+    """Seconds from float seconds ("1.2345") or Cohen's str(timedelta) ("0:00:01.234567")."""
+    text = text.strip()
+    m = _TIMEDELTA.match(text)
+    if m:
+        days, hours, minutes, seconds = m.groups()
+        return int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    value = float(text)  # ValueError for anything else
+    if not _math.isfinite(value):
+        raise ValueError(f"not a finite time: {text!r}")
+    return value
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)  # "3.0" from a float-typed pandas column written back
+        if not value.is_integer():
+            raise ValueError(f"not an integer: {text!r}") from None
+        return int(value)
+
+
+def _parse_bool(text: str) -> bool:
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"not 0/1/True/False: {text!r}")
+
+
+def _parse_radius(text: str) -> float:
+    value = float(text)
+    if _math.isnan(value) or value < 0:
+        raise ValueError(f"not a radius >= 0: {text!r}")
+    return value
+
+
+def _comment_metadata(line: str, metadata: dict) -> None:
+    body = line.lstrip("#").strip()
+    if not body:
+        return
+    if body.startswith("{"):
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return
+        if isinstance(data, dict):
+            metadata.update(data)
+        return
+    m = _re.match(r"^([A-Za-z_][\w.\-]*)\s*[:=]\s*(.*)$", body)
+    if m:
+        key, value = m.group(1), m.group(2).strip()
+        try:
+            metadata[key] = json.loads(value)
+        except ValueError:
+            metadata[key] = value
+
+
+def read_results(path: str) -> Results:
+    """Read one result TSV. Raises OSError for a missing/unreadable file and ResultsFormatError
+    (a ValueError, whose message names the file and line) for a malformed one."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ResultsFormatError(f"{path}: not a text (UTF-8) file ({exc.reason} at byte {exc.start})") from None
+    torn = bool(text) and not text.endswith("\n")
+    lines = text.splitlines()
+    metadata: dict = {}
+    columns: Optional[list] = None
+    rows: list = []
+    for number, raw in enumerate(lines, start=1):
+        line = raw.rstrip("\r")
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("#"):
+            _comment_metadata(line, metadata)
+            continue
+        fields = line.split("\t")
+        if columns is None:
+            columns = [c.strip() for c in fields]
+            missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+            if missing:
+                raise ResultsFormatError(
+                    f"{path}: line {number}: the header lacks the column(s) {', '.join(missing)} "
+                    f"(expected tab-separated 'idx label predict radius correct time'; got {line[:80]!r})")
+            continue
+        if [f.strip() for f in fields] == columns:
+            continue  # the header again (a second run appended to the file)
+        try:
+            rows.append(_parse_row(columns, fields))
+        except ValueError as exc:
+            if torn and number == len(lines):
+                break  # the last line of a file still being written
+            raise ResultsFormatError(f"{path}: line {number}: {exc}") from None
+    if columns is None:
+        raise ResultsFormatError(f"{path}: no header line (expected 'idx label predict radius correct time')")
+    side = path + ".meta.json"
+    if os.path.isfile(side):
+        try:
+            with open(side, encoding="utf-8") as f:
+                extra = json.load(f)
+            if isinstance(extra, dict):
+                metadata.update(extra)
+        except (OSError, ValueError):
+            pass  # the metadata is a convenience; the rows are what is analysed
+    return Results(path=path, columns=columns, rows=rows, metadata=metadata)
+
+
+def _parse_row(columns: list, fields: list) -> ResultRow:
+    if len(fields) != len(columns):
+        raise ValueError(f"{len(fields)} fields for {len(columns)} columns")
+    values = dict(zip(columns, (f.strip() for f in fields)))
+    row = ResultRow(idx=_parse_int(values.pop("idx")), label=_parse_int(values.pop("label")),
+                    predict=_parse_int(values.pop("predict")), correct=_parse_bool(values.pop("correct")))
+    if "radius" in values:
+        row.radius = _parse_radius(values.pop("radius"))
+    if "time" in values:
+        row.time = parse_time(values.pop("time"))
+    row.extra = values
+    return row
