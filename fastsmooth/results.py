@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import sys
 from typing import Iterable, Optional
@@ -100,8 +101,11 @@ def format_time(seconds: float, cohen: bool = False) -> str:
 
 
 def format_radius(radius: float, cohen: bool = False) -> str:
-    """Cohen's scripts print the radius with "{:.3}"; fastsmooth keeps six significant digits."""
-    return f"{radius:.3}" if cohen else f"{radius:.6g}"
+    """Cohen's scripts print the radius with "{:.3}" (kept for their files); fastsmooth writes six
+    decimals rounded down, so the printed radius never exceeds the certified one."""
+    if cohen:
+        return f"{radius:.3}"
+    return "inf" if math.isinf(radius) else f"{math.floor(radius * 1e6) / 1e6:.6f}"
 
 
 def _atomic_write_json(path: str, data: dict) -> None:
