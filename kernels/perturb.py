@@ -1,0 +1,532 @@
+"""Fused noise + perturbation: out[row] = cast(x[slot] + eps(seed, image, copy, element)).
+
+One kernel for the four noises of DESIGN §3. The noise is generated inside the kernel in float32
+(ExpInf's per-copy radius in float64) from Philox4x32-10 keyed as described in ``philox.py``:
+key = seed, counter = (element group, copy index, image index, stream tag). It is added to x in
+float32 and only x + eps is cast to the output dtype (float32, bfloat16 or float16, round to nearest
+even), DESIGN §5. Because the noise of an element is a pure function of those four numbers, the
+copies do not depend on block sizes, on batch size, nor on which images share a launch.
+
+Samplers (w: one 32-bit Philox word, read as int32 bits ws; 2^-31 = 4.656612873077393e-10):
+
+    U31(w) = ((ws & 0x7FFFFFFF) + 0.5) * 2^-31      in (0, 1], 31 bits, never 0
+    S32(w) = (ws + 0.5) * 2^-31                     in [-1, 1], 32 bits, symmetric
+
+* Gaussian: Box-Muller on the word pairs (0, 1) and (2, 3) of a group: R = sqrt(-2 log U31(w_a)),
+  theta = pi S32(w_b); eps = lambda (R cos theta, R sin theta).
+* Laplace: eps = lambda * sign * (-log U31(w)), sign = the top bit of w. Written as -log of a
+  uniform on (0, 1] so that no value is infinite (DESIGN §5); the 31 low bits and the sign bit are
+  independent.
+* Uniform: eps = lambda S32(w).
+* ExpInf(k): per copy, s ~ Gamma(d/k, 1) by Marsaglia & Tsang (2000) in float64 (shape < 1 through
+  the boost Gamma(a) = Gamma(a + 1) U^(1/a)), r = lambda s^(1/k) computed as lambda exp(log(s)/k);
+  eps_i = r S32(w_i), except the face coordinate j = floor(W d / 2^64) (W a 64-bit word) which is
+  set to +-r with a fair sign. Every program touching a copy recomputes the same r, j and sign from
+  the same counters (tags TAG_GAMMA and TAG_COPY).
+
+Total-variation distance tau from the ideal law (``sampler_tv_bound``): the uniforms are on a grid
+of 2^-31; we count as a defect the ideal mass that the sampler cannot reach except by rounding,
+i.e. the whole first grid cell of every uniform that feeds an unbounded transform (its ideal image
+is an unbounded tail), and every bias of a discrete choice. The remaining difference -- each value
+moved within its grid cell -- is rounding of the order of float32 resolution, as in any float
+sampler (torch.randn included), and is not counted.
+
+* Gaussian: tau = (number of Box-Muller pairs feeding the d elements) * 2^-31  (<= d * 2^-31;
+  the radius is cut at sqrt(-2 log 2^-32) = 6.66 instead of tl.randn's 5.68).
+* Laplace: tau = d * 2^-31 (each |eps_i| / lambda is cut at 32 log 2 = 22.18).
+* Uniform: tau = 0 (bounded transform, support [-lambda, lambda] reached).
+* ExpInf: tau = 4 * 2^-31 + d * 2^-64: per rejection iteration 2^-31 for the normal's tail and
+  2^-31 for the 31-bit acceptance uniform, at most 1.06 iterations on average for shape >= 1
+  (acceptance >= 0.95), 2^-31 for the boost uniform's first cell, d 2^-64 for the face index,
+  0.05^64 for the cap of 64 iterations, and float64 rounding of the acceptance test (< 1e-12).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .philox import (CHUNK, LANE_RUN, MASK32, TAG_COPY, TAG_ELEMENT, TAG_GAMMA, element_words,
+                     philox4x32, philox4x32_reference, split_seed, to_int32)
+
+NOISE_IDS = {"gaussian": 0, "laplace": 1, "uniform": 2, "expinf": 3}
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_GAMMA_ITERATIONS = 64
+TWO_M31 = 2.0 ** -31
+
+# ------------------------------------------------------------------------------------------
+# Triton
+# ------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _u31(ws):
+    """int32 word -> float32 uniform on (0, 1] (31 bits)."""
+    return ((ws & 0x7FFFFFFF).to(tl.float32) + 0.5) * 4.656612873077393e-10
+
+
+@triton.jit
+def _s32(ws):
+    """int32 word -> float32 uniform on [-1, 1] (32 bits, symmetric)."""
+    return (ws.to(tl.float32) + 0.5) * 4.656612873077393e-10
+
+
+@triton.jit
+def _u31_f64(ws):
+    return ((ws & 0x7FFFFFFF).to(tl.float64) + 0.5) * 4.656612873077393e-10
+
+
+@triton.jit
+def _s32_f64(ws):
+    return (ws.to(tl.float64) + 0.5) * 4.656612873077393e-10
+
+
+@triton.jit
+def _box_muller(wa, wb):
+    rad = tl.sqrt(-2.0 * tl.log(_u31(wa)))
+    th = _s32(wb) * 3.141592653589793
+    return rad * tl.cos(th), rad * tl.sin(th)
+
+
+@triton.jit
+def _signed_exp(ws):
+    mag = -tl.log(_u31(ws))
+    return tl.where(ws < 0, -mag, mag)
+
+
+@triton.jit
+def _expinf_copy(params_ptr, k0, k1, copy, image, rmask, D, ROWS: tl.constexpr, BOOST: tl.constexpr,
+                 MAX_IT: tl.constexpr):
+    """Per copy (ROWS,): radius r (float32), face index j (int32), face sign (+-1 float32)."""
+    lam = tl.load(params_ptr + 0)
+    dd = tl.load(params_ptr + 1)          # shape - 1/3 (shape = d/k, or d/k + 1 when boosted)
+    cc = tl.load(params_ptr + 2)          # 1 / sqrt(9 dd)
+    inv_alpha = tl.load(params_ptr + 3)   # k / d (boost exponent)
+    inv_k = tl.load(params_ptr + 4)
+    zero = tl.zeros([ROWS], dtype=tl.uint32)
+    # Marsaglia-Tsang: iteration `it` of a copy reads Philox(it, copy, image, TAG_GAMMA).
+    log_g = tl.full([ROWS], float("-inf"), dtype=tl.float64)
+    pending = rmask
+    it = tl.full([], 0, dtype=tl.uint32)
+    npend = tl.sum(pending.to(tl.int32), axis=0)
+    while npend > 0:
+        w0, w1, w2, _ = philox4x32(zero + it, copy, image, zero + 1, k0, k1)
+        z = tl.sqrt(-2.0 * tl.log(_u31_f64(w0.to(tl.int32, bitcast=True)))) * tl.cos(
+            _s32_f64(w1.to(tl.int32, bitcast=True)) * 3.141592653589793)
+        y = 1.0 + cc * z
+        v = y * y * y
+        pos = v > 0.0
+        vs = tl.where(pos, v, 1.0)
+        ua = _u31_f64(w2.to(tl.int32, bitcast=True))
+        accept = pos & (tl.log(ua) < 0.5 * z * z + dd - dd * vs + dd * tl.log(vs))
+        log_g = tl.where(pending & accept, tl.log(dd * vs), log_g)
+        pending = pending & (accept == 0)
+        it += 1
+        npend = tl.where(it < MAX_IT, tl.sum(pending.to(tl.int32), axis=0), 0)
+    c0, c1, c2, c3 = philox4x32(zero, copy, image, zero + 2, k0, k1)
+    if BOOST:
+        log_g = log_g + tl.log(_u31_f64(c3.to(tl.int32, bitcast=True))) * inv_alpha
+    r = (lam * tl.exp(log_g * inv_k)).to(tl.float32)
+    # j = floor(W d / 2^64) with W = c1 * 2^32 + c0: exact in 64-bit integers for d < 2^31.
+    dl = (tl.zeros([ROWS], dtype=tl.int32) + D).to(tl.uint64)
+    lo = c0.to(tl.uint64) * dl
+    hi = c1.to(tl.uint64) * dl
+    j = ((hi + (lo >> 32)) >> 32).to(tl.int32)
+    sign = tl.where((c2 & 1) == 1, 1.0, -1.0)
+    return r, j, sign
+
+
+@triton.jit
+def _bf16_bits_rtne(y):
+    """float32 -> the int16 bits of bfloat16, rounded to nearest even, NaN kept NaN (the
+    interpreter's own float32 -> bfloat16 cast truncates)."""
+    bits = y.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where(y != y, 0x7FC0, rounded).to(tl.int16)
+
+
+@triton.jit
+def _store_lane(x_ptr, out_ptr, x_base, out_row, e, mask, eps, D2, D3, s1, s2, s3,
+                CONTIG: tl.constexpr, BF16_BITS: tl.constexpr):
+    xv = tl.load(x_ptr + x_base + e, mask=mask, other=0.0)
+    y = xv + eps
+    if CONTIG:
+        off = e
+    else:
+        i1 = e // (D2 * D3)
+        rem = e % (D2 * D3)
+        off = i1.to(tl.int64) * s1 + (rem // D3).to(tl.int64) * s2 + (rem % D3).to(tl.int64) * s3
+    if BF16_BITS:
+        tl.store(out_ptr + out_row + off, _bf16_bits_rtne(y), mask=mask)
+    else:
+        tl.store(out_ptr + out_row + off, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["k0", "k1", "slot", "image", "first_copy", "count", "row0"])
+def _perturb_kernel(x_ptr, out_ptr, params_ptr, lam, k0, k1, slot, image, first_copy, count, row0,
+                    D, D2, D3, s0, s1, s2, s3,
+                    NOISE: tl.constexpr, ROWS: tl.constexpr, P: tl.constexpr, CONTIG: tl.constexpr,
+                    BOOST: tl.constexpr, MAX_IT: tl.constexpr, BF16_BITS: tl.constexpr):
+    """Copies first_copy + [0, count) of image `image` (pixels xs[slot]) into out rows row0 + ...
+
+    Tile: ROWS copies x P Philox groups (4 P elements: P / 128 chunks of 512; P < 128 only when
+    d <= P, one tile per copy). Grid: (cdiv(count, ROWS), cdiv(chunks of d, max(1, P / 128))).
+    """
+    LANE: tl.constexpr = 128
+    pid_r = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    r = pid_r * ROWS + tl.arange(0, ROWS)
+    rmask = r < count
+    k0u = k0.to(tl.uint32)
+    k1u = k1.to(tl.uint32)
+    copy = (first_copy + r).to(tl.uint32)
+    image_u = tl.zeros([ROWS], dtype=tl.uint32) + image.to(tl.uint32)
+
+    p = tl.arange(0, P)
+    chunk = pid_e * (P // LANE) + p // LANE
+    t = p % LANE
+    group = (chunk * LANE + t).to(tl.uint32)
+    e0 = chunk * (4 * LANE) + t                                  # element of lane 0, (P,)
+
+    w0, w1, w2, w3 = philox4x32(group[None, :], copy[:, None], image_u[:, None],
+                                tl.zeros([1, 1], dtype=tl.uint32), k0u, k1u)
+    w0 = w0.to(tl.int32, bitcast=True)
+    w1 = w1.to(tl.int32, bitcast=True)
+    w2 = w2.to(tl.int32, bitcast=True)
+    w3 = w3.to(tl.int32, bitcast=True)
+
+    if NOISE == 0:
+        n0, n1 = _box_muller(w0, w1)
+        n2, n3 = _box_muller(w2, w3)
+        eps0 = lam * n0
+        eps1 = lam * n1
+        eps2 = lam * n2
+        eps3 = lam * n3
+    elif NOISE == 1:
+        eps0 = lam * _signed_exp(w0)
+        eps1 = lam * _signed_exp(w1)
+        eps2 = lam * _signed_exp(w2)
+        eps3 = lam * _signed_exp(w3)
+    elif NOISE == 2:
+        eps0 = lam * _s32(w0)
+        eps1 = lam * _s32(w1)
+        eps2 = lam * _s32(w2)
+        eps3 = lam * _s32(w3)
+    else:
+        rad, j, sgn = _expinf_copy(params_ptr, k0u, k1u, copy, image_u, rmask, D, ROWS, BOOST, MAX_IT)
+        rr = rad[:, None]
+        face = rr * sgn[:, None]
+        jj = j[:, None]
+        eps0 = tl.where(e0[None, :] == jj, face, rr * _s32(w0))
+        eps1 = tl.where(e0[None, :] + LANE == jj, face, rr * _s32(w1))
+        eps2 = tl.where(e0[None, :] + 2 * LANE == jj, face, rr * _s32(w2))
+        eps3 = tl.where(e0[None, :] + 3 * LANE == jj, face, rr * _s32(w3))
+
+    x_base = slot.to(tl.int64) * D
+    out_row = (row0 + r).to(tl.int64)[:, None] * s0
+    e = e0[None, :]
+    _store_lane(x_ptr, out_ptr, x_base, out_row, e, rmask[:, None] & (e < D), eps0,
+                D2, D3, s1, s2, s3, CONTIG, BF16_BITS)
+    e = e + LANE
+    _store_lane(x_ptr, out_ptr, x_base, out_row, e, rmask[:, None] & (e < D), eps1,
+                D2, D3, s1, s2, s3, CONTIG, BF16_BITS)
+    e = e + LANE
+    _store_lane(x_ptr, out_ptr, x_base, out_row, e, rmask[:, None] & (e < D), eps2,
+                D2, D3, s1, s2, s3, CONTIG, BF16_BITS)
+    e = e + LANE
+    _store_lane(x_ptr, out_ptr, x_base, out_row, e, rmask[:, None] & (e < D), eps3,
+                D2, D3, s1, s2, s3, CONTIG, BF16_BITS)
+
+
+# ------------------------------------------------------------------------------------------
+# launch
+# ------------------------------------------------------------------------------------------
+
+def interpreting() -> bool:
+    """True when Triton's interpreter runs the kernels (TRITON_INTERPRET=1 before triton's import)."""
+    return not hasattr(_perturb_kernel, "run") or type(_perturb_kernel).__name__ == "InterpretedFunction"
+
+
+def check_device(t: torch.Tensor) -> None:
+    if t.device.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            "fastsmooth.kernels need a CUDA tensor, or Triton's interpreter for CPU tensors "
+            "(set TRITON_INTERPRET=1 before triton is imported); got a tensor on " + str(t.device))
+
+
+def noise_spec(noise, dim: int) -> tuple[str, float, float | None]:
+    """(name, lambda, k) of a fastsmooth noise for inputs of ``dim`` elements."""
+    name = str(noise.name).lower()
+    if name not in NOISE_IDS:
+        raise ValueError(f"no kernel for noise {noise.name!r}; expected one of {', '.join(NOISE_IDS)}")
+    lam = float(noise.scale_for(dim))
+    k = float(noise.k) if name == "expinf" else None
+    return name, lam, k
+
+
+def gamma_params(dim: int, k: float) -> tuple[float, float, float, bool]:
+    """Marsaglia-Tsang constants for Gamma(d/k): (dd, c, 1/alpha, boost)."""
+    alpha = dim / k
+    boost = alpha < 1.0
+    shape = alpha + 1.0 if boost else alpha
+    dd = shape - 1.0 / 3.0
+    return dd, 1.0 / math.sqrt(9.0 * dd), 1.0 / alpha, boost
+
+
+_PARAMS_CACHE: dict = {}
+
+
+def _params_tensor(device, lam: float, dim: int, k: float | None) -> tuple[torch.Tensor, bool]:
+    """float64 [lambda, dd, c, 1/alpha, 1/k] on ``device``, cached (no host->device copy per call)."""
+    key = (str(device), lam, dim, k)
+    hit = _PARAMS_CACHE.get(key)
+    if hit is None:
+        if k is None:
+            vals, boost = [lam, 0.0, 0.0, 0.0, 0.0], False
+        else:
+            dd, c, inv_alpha, boost = gamma_params(dim, k)
+            vals = [lam, dd, c, inv_alpha, 1.0 / k]
+        if len(_PARAMS_CACHE) > 256:
+            _PARAMS_CACHE.clear()
+        hit = (torch.tensor(vals, dtype=torch.float64, device=device), boost)
+        _PARAMS_CACHE[key] = hit
+    return hit
+
+
+def _pow2_at_most(n: int) -> int:
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
+def choose_config(dim: int, count: int, device_type: str) -> dict:
+    """Tile sizes without autotuning (autotune does not run in the interpreter).
+
+    P Philox groups (4 P elements) per copy and ROWS copies per program. P is the power of two in
+    [128, 1024] that wastes the fewest groups on the last tile of a copy (ties: the larger), or
+    next_power_of_2(d) >= 16 when d < 128 (then lanes 1-3 are all masked); ROWS
+    brings a tile to about 4096 elements on a GPU, 32768 in the interpreter (fewer, larger numpy
+    operations), never beyond the number of copies.
+    """
+    chunks = max(1, math.ceil(dim / CHUNK))
+    best = None
+    for per in (8, 4, 2, 1):                      # chunks per tile
+        waste = math.ceil(chunks / per) * per - chunks
+        if best is None or waste < best[0]:
+            best = (waste, per)
+    P = best[1] * LANE_RUN
+    if dim < LANE_RUN:      # one partial lane run: the first `dim` groups of chunk 0 are enough
+        P = max(16, triton.next_power_of_2(dim))
+    target = 4096 if device_type == "cuda" else 32768
+    rows = max(1, min(_pow2_at_most(max(1, target // (4 * P))), triton.next_power_of_2(max(1, count))))
+    return {"P": P, "ROWS": rows, "num_warps": 4 if 4 * P * rows <= 4096 else 8}
+
+
+def _inner_layout(out: torch.Tensor, shape: tuple) -> tuple[bool, tuple, tuple]:
+    """(contiguous, (D1, D2, D3), (s1, s2, s3)): the element strides of a copy of ``out``."""
+    if out[0].is_contiguous():
+        return True, (1, 1, 1), (0, 0, 0)
+    sizes, strides = list(shape), list(out.stride()[1:])
+    # merge adjacent dims that are contiguous with each other, drop size-1 dims
+    dims = [(s, st) for s, st in zip(sizes, strides) if s != 1]
+    merged = []
+    for s, st in dims:
+        if merged and merged[-1][1] == s * st:
+            merged[-1] = (merged[-1][0] * s, st)
+        else:
+            merged.append((s, st))
+    if len(merged) > 3:
+        raise ValueError(f"unsupported output layout: shape {tuple(out.shape)}, strides {out.stride()}")
+    while len(merged) < 3:
+        merged.insert(0, (1, 0))
+    return False, tuple(m[0] for m in merged), tuple(m[1] for m in merged)
+
+
+def _segment_fields(seg) -> tuple[int, int, int, int, int]:
+    if isinstance(seg, (tuple, list)):
+        slot, image_index, first_copy, count, row = seg
+    else:
+        slot, image_index, first_copy, count, row = (seg.slot, seg.image_index, seg.first_copy,
+                                                     seg.count, seg.row)
+    return int(slot), int(image_index), int(first_copy), int(count), int(row)
+
+
+def perturb_packed(out: torch.Tensor, xs: torch.Tensor, segments: Sequence, noise, seed: int) -> torch.Tensor:
+    """Fill rows of ``out`` (B, *shape) with noisy copies of the images ``xs`` (M, *shape).
+
+    Each segment (slot, image_index, first_copy, count, row) -- a ``fastsmooth.sampler.Segment`` or
+    a 5-tuple in that order -- sets out[row + i] = cast(xs[slot] + eps(seed, image_index,
+    first_copy + i, :)) for i < count. Rows outside every segment are left untouched. ``out`` is
+    float32, bfloat16 or float16, contiguous or channels_last; ``xs`` is converted to contiguous
+    float32 on out's device. One launch per segment. Returns ``out``.
+    """
+    if out.dtype not in OUT_DTYPES:
+        raise TypeError(f"out must be float32, bfloat16 or float16, got {out.dtype}")
+    shape = tuple(out.shape[1:])
+    if tuple(xs.shape[1:]) != shape:
+        raise ValueError(f"xs has copies of shape {tuple(xs.shape[1:])}, out rows have shape {shape}")
+    check_device(out)
+    dim = math.prod(shape)
+    if dim >= 2 ** 31:
+        raise ValueError(f"inputs of {dim} elements: the kernels take fewer than 2^31")
+    segs = [_segment_fields(s) for s in segments if _segment_fields(s)[3] > 0]
+    if not segs or out.shape[0] == 0:
+        return out
+    xs = xs.to(device=out.device, dtype=torch.float32).contiguous()
+    name, lam, k = noise_spec(noise, dim)
+    params, boost = _params_tensor(out.device, lam, dim, k)
+    k0, k1 = split_seed(seed)
+    contig, (_, D2, D3), (s1, s2, s3) = _inner_layout(out, shape)
+    extra = {"enable_fp_fusion": False} if out.device.type == "cuda" else {}
+    # bfloat16 rounding done in integer arithmetic where the interpreter runs (its cast truncates)
+    bf16_bits = out.dtype == torch.bfloat16 and interpreting()
+    target = out.view(torch.int16) if bf16_bits else out
+    for slot, image_index, first_copy, count, row in segs:
+        if count <= 0:
+            continue
+        if not (0 <= slot < xs.shape[0]) or row < 0 or row + count > out.shape[0]:
+            raise IndexError(f"segment {(slot, image_index, first_copy, count, row)} is outside "
+                             f"xs ({xs.shape[0]} images) or out ({out.shape[0]} rows)")
+        if not (0 <= image_index < 2 ** 32) or first_copy < 0 or first_copy + count > 2 ** 32:
+            raise ValueError("image and copy indices must lie in [0, 2^32)")
+        cfg = choose_config(dim, count, out.device.type)
+        per_tile = max(1, cfg["P"] // LANE_RUN)           # chunks per tile
+        grid = (triton.cdiv(count, cfg["ROWS"]), triton.cdiv(math.ceil(dim / CHUNK), per_tile))
+        _perturb_kernel[grid](
+            xs, target, params, lam, k0, k1, slot, image_index, first_copy, count, row,
+            dim, D2, D3, out.stride(0), s1, s2, s3,
+            NOISE=NOISE_IDS[name], ROWS=cfg["ROWS"], P=cfg["P"], CONTIG=contig, BOOST=boost,
+            MAX_IT=MAX_GAMMA_ITERATIONS, BF16_BITS=bf16_bits, num_warps=cfg["num_warps"], **extra)
+    return out
+
+
+def perturb(x: torch.Tensor, copies: int, noise, seed: int, *, image_index: int = 0, first_copy: int = 0,
+            out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``copies`` noisy copies of one image x: Tensor (copies, *x.shape) of ``out_dtype`` on x's
+    device, row i = cast(x + eps(seed, image_index, first_copy + i, :))."""
+    out = torch.empty((int(copies), *x.shape), dtype=out_dtype, device=x.device)
+    return perturb_packed(out, x.unsqueeze(0), [(0, image_index, first_copy, int(copies), 0)], noise, seed)
+
+
+# ------------------------------------------------------------------------------------------
+# torch reference (same stream, same float32 operations; transcendental functions within rounding)
+# ------------------------------------------------------------------------------------------
+
+_F32 = torch.float32
+
+
+def _u31_ref(w, dtype=_F32):
+    return (((w & 0x7FFFFFFF).to(dtype) + 0.5) * TWO_M31)
+
+
+def _s32_ref(w, dtype=_F32):
+    return (to_int32(w).to(dtype) + 0.5) * TWO_M31
+
+
+def expinf_copy_reference(seed: int, image_index, copy_index: torch.Tensor, dim: int, lam: float, k: float):
+    """ExpInf's per-copy (r float32, j int64, sign float32) for 1-D int64 ``copy_index``."""
+    k0, k1 = split_seed(seed)
+    dd, c, inv_alpha, boost = gamma_params(dim, k)
+    copy_index = torch.as_tensor(copy_index, dtype=torch.int64)
+    n = copy_index.numel()
+    log_g = torch.full((n,), -math.inf, dtype=torch.float64)
+    pending = torch.ones(n, dtype=torch.bool)
+    it = 0
+    while bool(pending.any()) and it < MAX_GAMMA_ITERATIONS:
+        w0, w1, w2, _ = philox4x32_reference(it, copy_index, image_index, TAG_GAMMA, k0, k1)
+        z = torch.sqrt(-2.0 * torch.log(_u31_ref(w0, torch.float64))) * torch.cos(
+            _s32_ref(w1, torch.float64) * math.pi)
+        y = 1.0 + c * z
+        v = y * y * y
+        pos = v > 0.0
+        vs = torch.where(pos, v, torch.ones_like(v))
+        ua = _u31_ref(w2, torch.float64)
+        accept = pos & (torch.log(ua) < 0.5 * z * z + dd - dd * vs + dd * torch.log(vs))
+        log_g = torch.where(pending & accept, torch.log(dd * vs), log_g)
+        pending = pending & ~accept
+        it += 1
+    c0, c1, c2, c3 = philox4x32_reference(0, copy_index, image_index, TAG_COPY, k0, k1)
+    if boost:
+        log_g = log_g + torch.log(_u31_ref(c3, torch.float64)) * inv_alpha
+    r = (lam * torch.exp(log_g * (1.0 / k))).to(_F32)
+    j = (c1 * dim + ((c0 * dim) >> 32)) >> 32
+    sign = torch.where((c2 & 1) == 1, 1.0, -1.0).to(_F32)
+    return r, j, sign
+
+
+def noise_reference(noise, shape: tuple, seed: int, image_index: int = 0, first_copy: int = 0,
+                    copies: int = 1) -> torch.Tensor:
+    """eps of the kernels in torch on the CPU: float32 (copies, *shape)."""
+    shape = tuple(shape)
+    dim = math.prod(shape)
+    name, lam, k = noise_spec(noise, dim)
+    copy_index = torch.arange(first_copy, first_copy + copies, dtype=torch.int64)
+    w = element_words(seed, image_index, copy_index, dim)            # (copies, dim), uint32 values
+    lam32 = torch.tensor(lam, dtype=_F32)
+    if name == "gaussian":
+        # partner word of each element: lanes (0, 1) and (2, 3) of the same group
+        from .philox import noise_counters
+        group, lane = noise_counters(dim)
+        k0, k1 = split_seed(seed)
+        ngroups = math.ceil(dim / CHUNK) * LANE_RUN
+        words = torch.stack(philox4x32_reference(torch.arange(ngroups).reshape(1, -1),
+                                                 copy_index.reshape(-1, 1), image_index, TAG_ELEMENT,
+                                                 k0, k1), -1)
+        wa = words[:, group, lane - lane % 2]
+        wb = words[:, group, lane - lane % 2 + 1]
+        rad = torch.sqrt(-2.0 * torch.log(_u31_ref(wa)))
+        th = _s32_ref(wb) * torch.tensor(math.pi, dtype=_F32)
+        n = torch.where(lane % 2 == 0, rad * torch.cos(th), rad * torch.sin(th))
+        eps = lam32 * n
+    elif name == "laplace":
+        mag = -torch.log(_u31_ref(w))
+        eps = lam32 * torch.where(w >= 2 ** 31, -mag, mag)
+    elif name == "uniform":
+        eps = lam32 * _s32_ref(w)
+    else:
+        r, j, sign = expinf_copy_reference(seed, image_index, copy_index, dim, lam, k)
+        eps = r[:, None] * _s32_ref(w)
+        face = torch.arange(dim).reshape(1, -1) == j[:, None]
+        eps = torch.where(face, (r * sign)[:, None], eps)
+    return eps.reshape(copies, *shape)
+
+
+def perturb_reference(x: torch.Tensor, copies: int, noise, seed: int, *, image_index: int = 0,
+                      first_copy: int = 0, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``perturb`` in pure torch (CPU): cast(x + eps) with eps from ``noise_reference``."""
+    eps = noise_reference(noise, tuple(x.shape), seed, image_index, first_copy, int(copies))
+    return (x.detach().to("cpu", _F32).unsqueeze(0) + eps).to(out_dtype)
+
+
+def perturb_packed_reference(out: torch.Tensor, xs: torch.Tensor, segments: Sequence, noise, seed: int):
+    """``perturb_packed`` in pure torch: fills ``out`` in place (any device) and returns it."""
+    for slot, image_index, first_copy, count, row in (_segment_fields(s) for s in segments):
+        if count > 0:
+            ref = perturb_reference(xs[slot], count, noise, seed, image_index=image_index,
+                                    first_copy=first_copy, out_dtype=out.dtype)
+            out[row:row + count].copy_(ref)
+    return out
+
+
+def gaussian_pairs(dim: int) -> int:
+    """Box-Muller pairs whose outputs land on elements < dim (lanes (0,1) and (2,3) of a group)."""
+    full, rest = divmod(dim, CHUNK)
+    return full * 2 * LANE_RUN + min(rest, LANE_RUN) + max(0, min(rest - 2 * LANE_RUN, LANE_RUN))
+
+
+def sampler_tv_bound(noise, dim: int) -> float:
+    """tau: bound on the total-variation distance between one copy's kernel noise and the ideal
+    law (see the module docstring for each noise); subtract it from p_lower (DESIGN §5)."""
+    name = str(noise.name).lower()
+    dim = int(dim)
+    if name == "gaussian":
+        return gaussian_pairs(dim) * TWO_M31
+    if name == "laplace":
+        return dim * TWO_M31
+    if name == "uniform":
+        return 0.0
+    if name == "expinf":
+        return 4 * TWO_M31 + dim * 2.0 ** -64
+    raise ValueError(f"no kernel for noise {noise.name!r}")

@@ -1,0 +1,172 @@
+"""The fused noise + perturbation kernel equals its pure-torch reference of the same Philox stream, for
+every noise and output dtype, and its copies depend only on (seed, image, copy, element)."""
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from fastsmooth.kernels import (noise_reference, perturb, perturb_packed, perturb_packed_reference,
+                                perturb_reference, sampler_tv_bound)
+from fastsmooth.noises import make_noise
+
+pk = importlib.import_module("fastsmooth.kernels.perturb")   # the module (the package's `perturb` is the function)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NOISES = {
+    "gaussian": dict(name="gaussian", sigma=0.5),
+    "laplace": dict(name="laplace", scale=0.3),
+    "uniform": dict(name="uniform", sigma=0.25),
+    "expinf1": dict(name="expinf", k=1.0, sigma=0.5),
+    "expinf2": dict(name="expinf", k=2.0, scale=0.2),
+    "expinf_boost": dict(name="expinf", k=500.0, scale=0.2),      # d/k < 1: Gamma boost
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor):
+    """float32: within float32 rounding of the transcendental functions (numpy vs torch in the
+    interpreter, approximate hardware functions on a GPU); bf16 / fp16: within one ulp of the
+    output dtype (a float32 difference can move x + eps across a rounding boundary)."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    out, ref = out.cpu(), ref.cpu()
+    a, b = out.float(), ref.float()
+    assert torch.isfinite(a).all()
+    if out.dtype == torch.float32:
+        atol = 2e-6 if DEVICE == "cpu" else 2e-5
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=atol)
+    else:
+        ulp = torch.finfo(out.dtype).eps * torch.clamp(b.abs(), min=torch.finfo(out.dtype).tiny)
+        assert ((a - b).abs() <= ulp * 1.0001).all(), float(((a - b).abs() / ulp).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("key", list(NOISES))
+def test_perturb_matches_reference(key, dtype):
+    noise = make_noise(**NOISES[key])
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 7, 9, generator=g)                            # d = 189: one partial chunk
+    seed = 2 ** 40 + 12345
+    out = perturb(x.to(DEVICE), 37, noise, seed, image_index=5, first_copy=11, out_dtype=dtype)
+    ref = perturb_reference(x, 37, noise, seed, image_index=5, first_copy=11, out_dtype=dtype)
+    assert_matches(out, ref)
+
+
+@pytest.mark.parametrize("key", ["gaussian", "laplace", "uniform", "expinf1"])
+def test_perturb_multi_chunk(key):
+    noise = make_noise(**NOISES[key])
+    x = torch.linspace(-1, 1, 1300).reshape(13, 100)               # d = 1300: 2 full chunks + 276
+    out = perturb(x.to(DEVICE), 9, noise, 7, image_index=2 ** 32 - 1, first_copy=2 ** 32 - 9)
+    ref = perturb_reference(x, 9, noise, 7, image_index=2 ** 32 - 1, first_copy=2 ** 32 - 9)
+    assert_matches(out, ref)
+
+
+@pytest.mark.parametrize("key", ["gaussian", "expinf2"])
+def test_independent_of_tile_sizes(key, monkeypatch):
+    noise = make_noise(**NOISES[key])
+    x = torch.rand(2, 30, 30)                                        # d = 1800
+    base = perturb(x.to(DEVICE), 7, noise, 99, image_index=1)
+    for P, rows in [(128, 1), (256, 4), (1024, 2)]:
+        monkeypatch.setattr(pk, "choose_config", lambda d, c, t, P=P, rows=rows: {"P": P, "ROWS": rows,
+                                                                                  "num_warps": 4})
+        assert torch.equal(perturb(x.to(DEVICE), 7, noise, 99, image_index=1), base)
+
+
+@pytest.mark.parametrize("key", ["laplace", "expinf1"])
+def test_copy_ranges_compose(key):
+    noise = make_noise(**NOISES[key])
+    x = torch.rand(1, 5, 5).to(DEVICE)
+    whole = perturb(x, 40, noise, 3, image_index=4, first_copy=100)
+    parts = torch.cat([perturb(x, 13, noise, 3, image_index=4, first_copy=100),
+                       perturb(x, 27, noise, 3, image_index=4, first_copy=113)])
+    assert torch.equal(whole, parts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("key", ["gaussian", "uniform", "expinf_boost"])
+def test_packed_equals_single(key, dtype):
+    noise = make_noise(**NOISES[key])
+    xs = torch.rand(3, 2, 4, 4).to(DEVICE)
+    segments = [(2, 10, 0, 5, 7), (0, 3, 50, 4, 0), (1, 0, 8, 3, 12), (0, 3, 54, 2, 4)]
+    out = torch.full((16, 2, 4, 4), -7.0, dtype=dtype, device=DEVICE)
+    perturb_packed(out, xs, segments, noise, 1234)
+    for slot, image, first, count, row in segments:
+        single = perturb(xs[slot], count, noise, 1234, image_index=image, first_copy=first, out_dtype=dtype)
+        assert torch.equal(out[row:row + count], single)
+    assert (out[6] == -7).all() and (out[15] == -7).all()            # rows outside every segment
+    ref = perturb_packed_reference(torch.full_like(out, -7.0), xs.cpu(), segments, noise, 1234)
+    assert_matches(out, ref)
+
+
+def test_segment_objects_and_channels_last():
+    from fastsmooth.sampler import Segment
+
+    noise = make_noise("gaussian", sigma=1.0)
+    xs = torch.rand(2, 3, 5, 6).to(DEVICE)
+    segs = [Segment(slot=1, image_index=4, first_copy=0, count=6, row=0),
+            Segment(slot=0, image_index=9, first_copy=3, count=4, row=6)]
+    dense = torch.empty(10, 3, 5, 6, dtype=torch.bfloat16, device=DEVICE)
+    perturb_packed(dense, xs, segs, noise, 5)
+    cl = torch.empty(10, 3, 5, 6, dtype=torch.bfloat16, device=DEVICE).to(memory_format=torch.channels_last)
+    perturb_packed(cl, xs, segs, noise, 5)
+    assert not cl.is_contiguous()
+    assert torch.equal(cl, dense)
+    # a strided view of a larger buffer
+    big = torch.zeros(12, 3, 5, 6, dtype=torch.bfloat16, device=DEVICE).to(memory_format=torch.channels_last)
+    perturb_packed(big[:10], xs, segs, noise, 5)
+    assert torch.equal(big[:10], dense) and (big[10:] == 0).all()
+
+
+def test_seed_image_copy_all_matter():
+    noise = make_noise("uniform", scale=1.0)
+    x = torch.zeros(64, device=DEVICE)
+    a = perturb(x, 2, noise, 1)
+    assert not torch.equal(a[0], a[1])                               # copy index
+    assert not torch.equal(a, perturb(x, 2, noise, 2))               # seed
+    assert not torch.equal(a, perturb(x, 2, noise, 1 + 2 ** 32))     # high word of the seed
+    assert not torch.equal(a, perturb(x, 2, noise, 1, image_index=1))  # image index
+    assert torch.equal(a, perturb(x, 2, noise, 1))                   # and nothing else
+
+
+def test_noise_added_in_float32():
+    # x + eps is rounded once, to the output dtype: bf16(x + eps), never bf16(x) + bf16(eps)
+    noise = make_noise("uniform", scale=1e-3)
+    x = torch.full((256,), 1.0)
+    out = perturb(x.to(DEVICE), 4, noise, 0, out_dtype=torch.bfloat16).cpu()
+    eps = noise_reference(noise, (256,), 0, copies=4)
+    assert torch.equal(out, (x + eps).to(torch.bfloat16))
+
+
+def test_uniform_minimum_word_is_finite_everywhere():
+    # the smallest uniform the samplers see is 2^-32 > 0, so -log never overflows (DESIGN §5)
+    w = torch.tensor([0, 2 ** 31, 2 ** 31 - 1, 2 ** 32 - 1])
+    u = pk._u31_ref(w)
+    assert (u > 0).all() and (u <= 1).all() and float(u.min()) == 2.0 ** -32
+    assert torch.isfinite(-torch.log(u)).all()
+    s = pk._s32_ref(w)
+    assert (s.abs() <= 1).all()
+
+
+def test_tv_bounds():
+    d = 3072
+    assert sampler_tv_bound(make_noise("uniform", sigma=1), d) == 0.0
+    assert sampler_tv_bound(make_noise("laplace", sigma=1), d) == d * 2.0 ** -31
+    assert sampler_tv_bound(make_noise("gaussian", sigma=1), d) == d / 2 * 2.0 ** -31
+    assert sampler_tv_bound(make_noise("gaussian", sigma=1), 150528) < 4e-5
+    assert sampler_tv_bound(make_noise("expinf", k=1, sigma=1), d) < 2e-9
+    # the pair count: every element of d is fed by exactly one pair, a pair feeds at most two
+    for dim in (1, 100, 128, 129, 300, 511, 512, 700):
+        pairs = pk.gaussian_pairs(dim)
+        assert math.ceil(dim / 2) <= pairs <= dim
+
+
+def test_bad_arguments():
+    noise = make_noise("gaussian", sigma=1)
+    x = torch.zeros(8, device=DEVICE)
+    with pytest.raises(TypeError):
+        perturb(x, 2, noise, 0, out_dtype=torch.int32)
+    with pytest.raises(ValueError):
+        perturb(x, 2, noise, 0, first_copy=2 ** 32 - 1)
+    with pytest.raises(IndexError):
+        perturb_packed(torch.empty(2, 8, device=DEVICE), x[None], [(0, 0, 0, 3, 0)], noise, 0)
+    assert perturb(x, 0, noise, 0).shape == (0, 8)
