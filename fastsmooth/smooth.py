@@ -172,6 +172,6 @@ class Smooth:
                       image_index: int = 0) -> torch.Tensor:
         """Monte-Carlo estimate over n copies: vote frequencies of the hard smoothed classifier g, or
         with soft=True the mean softmax of the soft smoothed classifier G. An estimate, no bound."""
-        n = _check_positive_int("n", n)
+        n, batch_size = _check_positive_int("n", n), _check_positive_int("batch_size", batch_size)
         totals = self.sampler.run([Job(x, image_index, 0, n)], batch_size, soft=soft)[0]
         return totals.double() / n
