@@ -1,0 +1,438 @@
+"""Noises (DESIGN.md §3): parameters, certified radii and the exact samplers, against independent
+references (mpmath / scipy formulas written out here, numerical integration, KS tests at fixed seeds).
+"""
+
+from __future__ import annotations
+
+import math
+
+import mpmath
+import numpy as np
+import pytest
+import torch
+from scipy import integrate, stats
+
+import fastsmooth
+from fastsmooth import ExpInf, Gaussian, Laplace, Uniform, make_noise
+from fastsmooth.noises import sample_gamma
+
+mpmath.mp.dps = 40
+D_CIFAR = 3072
+NORMS = ("l1", "l2", "linf")
+EXPONENT = {"l1": 1, "l2": 2, "linf": math.inf}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a loaded 2-core machine every parallel ATen op can wait a whole
+    scheduler quantum (~11 ms) for its second thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def all_noises(sigma=1.0):
+    return [Gaussian(sigma=sigma), Laplace(sigma=sigma), Uniform(sigma=sigma),
+            ExpInf(k=1, sigma=sigma), ExpInf(k=2, sigma=sigma), ExpInf(k=0.5, sigma=sigma)]
+
+
+NOISE_IDS = ["gaussian", "laplace", "uniform", "expinf1", "expinf2", "expinf0.5"]
+
+
+# --------------------------------------------------------------------------------------------
+# Independent reference: the §3 tables, written out again with mpmath.
+# --------------------------------------------------------------------------------------------
+def ref_sigma_over_scale(name, d, k=None):
+    if name == "gaussian":
+        return mpmath.mpf(1)
+    if name == "laplace":
+        return mpmath.sqrt(2)
+    if name == "uniform":
+        return 1 / mpmath.sqrt(3)
+    d, k = mpmath.mpf(d), mpmath.mpf(k)
+    return mpmath.sqrt((d + 2) / (3 * d) * mpmath.gamma((d + 2) / k) / mpmath.gamma(d / k))
+
+
+def ref_direct(name, k, lam, p, d):
+    lam, p = mpmath.mpf(lam), mpmath.mpf(p)
+    if name == "gaussian":
+        return {"l2": lam * mpmath.sqrt(2) * mpmath.erfinv(2 * p - 1)}
+    if name == "laplace":
+        return {"l1": lam * mpmath.log(1 / (2 * (1 - p)))}
+    if name == "uniform":
+        return {"l1": 2 * lam * (p - mpmath.mpf(1) / 2),
+                "linf": 2 * lam * (1 - (mpmath.mpf(3) / 2 - p) ** (mpmath.mpf(1) / d))}
+    k = mpmath.mpf(k)
+    out = {"l1": 2 * lam * d / (d - 1) * mpmath.gamma(d / k) / mpmath.gamma((d - 1) / k) * (p - mpmath.mpf(1) / 2)}
+    if k == 1:
+        out["linf"] = lam * mpmath.log(1 / (2 * (1 - p)))
+    return out
+
+
+def ref_convert(r, a, b, d):
+    ea, eb = EXPONENT[a], EXPONENT[b]
+    if eb <= ea:
+        return r
+    inv = lambda e: 0 if e == math.inf else mpmath.mpf(1) / e  # noqa: E731
+    return r / mpmath.mpf(d) ** (inv(ea) - inv(eb))
+
+
+def ref_radius(noise, p, norm, d):
+    if p <= 0.5:
+        return 0.0
+    k = getattr(noise, "k", None)
+    lam = noise.scale if noise.scale is not None else noise.sigma / ref_sigma_over_scale(noise.name, d, k)
+    direct = ref_direct(noise.name, k, lam, p, d)
+    return float(max(ref_convert(r, a, norm, d) for a, r in direct.items()))
+
+
+# --------------------------------------------------------------------------------------------
+# Radii
+# --------------------------------------------------------------------------------------------
+WORKED = {  # DESIGN.md §3, d = 3072, sigma = 1, rho = 0.6 / 0.9 / 0.99
+    ("uniform", "l1"): (0.346410, 1.385641, 1.697410),
+    ("laplace", "l1"): (0.157786, 1.138044, 2.766218),
+    ("gaussian", "l2"): (0.253347, 1.281552, 2.326348),
+}
+
+
+@pytest.mark.parametrize("name,norm", list(WORKED))
+def test_worked_values(name, norm):
+    noise = make_noise(name, sigma=1.0)
+    assert noise.default_norm == norm
+    for rho, expected in zip((0.6, 0.9, 0.99), WORKED[name, norm]):
+        assert round(noise.radius(rho, norm, D_CIFAR), 6) == pytest.approx(expected, abs=1.5e-6)
+        assert noise.radius(rho, None, D_CIFAR) == noise.radius(rho, norm, D_CIFAR)
+
+
+@pytest.mark.parametrize("noise", all_noises(0.7) + [Laplace(scale=0.3), Uniform(scale=2.0), ExpInf(k=1, scale=0.01),
+                                                     ExpInf(k=3, scale=0.02)], ids=lambda n: repr(n))
+@pytest.mark.parametrize("d", [2, 3, 784, D_CIFAR])
+def test_radius_every_norm_matches_reference(noise, d):
+    for p in (0.5000001, 0.51, 0.6, 0.75, 0.9, 0.99, 0.999999):
+        for norm in NORMS:
+            assert noise.radius(p, norm, d) == pytest.approx(ref_radius(noise, p, norm, d), rel=1e-9, abs=1e-15), (p, norm)
+
+
+def test_conversion_table_cells():
+    d = D_CIFAR
+    g, lap, uni, e1, e2 = Gaussian(sigma=0.5), Laplace(sigma=0.5), Uniform(sigma=0.5), ExpInf(k=1, sigma=0.5), ExpInf(k=2, sigma=0.5)
+    for p in (0.55, 0.8, 0.999):
+        r = {n: {m: n.radius(p, m, d) for m in NORMS} for n in (g, lap, uni, e1, e2)}
+        # Gaussian: l1 = l2, linf = l2 / sqrt(d)
+        assert r[g]["l1"] == pytest.approx(r[g]["l2"]) and r[g]["linf"] == pytest.approx(r[g]["l2"] / math.sqrt(d))
+        # Laplace: l2 = l1 / sqrt(d), linf = l1 / d
+        assert r[lap]["l2"] == pytest.approx(r[lap]["l1"] / math.sqrt(d))
+        assert r[lap]["linf"] == pytest.approx(r[lap]["l1"] / d)
+        # Uniform: direct l_inf = 2 lam (1 - (3/2 - p)^(1/d)); l2 = max(l1 / sqrt(d), l_inf)
+        lam = uni.scale_for(d)
+        rinf = 2 * lam * (1 - (1.5 - p) ** (1 / d))
+        assert r[uni]["linf"] == pytest.approx(max(rinf, r[uni]["l1"] / d), rel=1e-6)
+        assert r[uni]["l2"] == pytest.approx(max(r[uni]["l1"] / math.sqrt(d), r[uni]["linf"]), rel=1e-9)
+        # ExpInf k=1: l_inf = lam log(1 / (2(1-p))); k=2: l_inf = l1 / d
+        assert r[e1]["linf"] == pytest.approx(e1.scale_for(d) * math.log(1 / (2 * (1 - p))))
+        assert r[e1]["l2"] == pytest.approx(max(r[e1]["l1"] / math.sqrt(d), r[e1]["linf"]))
+        assert r[e2]["linf"] == pytest.approx(r[e2]["l1"] / d) and r[e2]["l2"] == pytest.approx(r[e2]["l1"] / math.sqrt(d))
+        # A certified radius never grows under a sound move to a bigger-index norm.
+        for n in r:
+            assert r[n]["l1"] >= r[n]["l2"] * (1 - 1e-12) >= 0 and r[n]["l2"] >= r[n]["linf"] * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("k", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize("d", [2, 3, 10])
+def test_expinf_l1_radius_from_marginal_density(k, d):
+    """R_1 = (p - 1/2) / f_1(0), f_1 the marginal density of one coordinate (its Lipschitz constant
+    in l1 for a density that is unimodal in each coordinate); f_1(0) by numerical integration."""
+    lam = 0.8
+    if d == 2:  # a genuine 2-D integral of the density
+        dens = lambda y, x: math.exp(-(max(x, y) / lam) ** k)  # noqa: E731  (on the quadrant x, y >= 0)
+        z = 4 * integrate.dblquad(dens, 0, np.inf, 0, np.inf, epsabs=1e-12)[0]
+        f0 = 2 * integrate.quad(lambda y: dens(y, 0.0), 0, np.inf, epsabs=1e-12)[0] / z
+    else:  # shells of the l_inf ball: vol{||x||_inf <= r} = (2r)^d
+        shell = lambda dd: integrate.quad(lambda r: math.exp(-(r / lam) ** k) * dd * 2 ** dd * r ** (dd - 1),  # noqa: E731
+                                          0, np.inf, epsabs=1e-13)[0]
+        f0 = shell(d - 1) / shell(d)
+    noise = ExpInf(k=k, scale=lam)
+    for p in (0.6, 0.9):
+        expected = (p - 0.5) / f0
+        if k == 1.0:  # the direct l_inf certificate lam log(1/(2(1-p))) is an l1 certificate too
+            expected = max(expected, lam * math.log(1 / (2 * (1 - p))))
+        assert noise.radius(p, "l1", d) == pytest.approx(expected, rel=2e-5)
+
+
+@pytest.mark.parametrize("noise", all_noises(0.25), ids=NOISE_IDS)
+def test_radius_zero_at_or_below_half_and_monotone(noise):
+    d = 3072
+    for norm in NORMS:
+        for p in (0.0, 0.1, 0.4999999, 0.5):
+            assert noise.radius(p, norm, d) == 0.0
+        ps = np.linspace(0.5, 0.9999, 200)[1:]
+        radii = [noise.radius(float(p), norm, d) for p in ps]
+        assert all(r > 0 and math.isfinite(r) for r in radii)
+        assert all(b > a for a, b in zip(radii, radii[1:])), norm
+        r1 = noise.radius(1.0, norm, d)  # p_lower = 1 is valid input: never a math domain error
+        assert r1 >= radii[-1]
+
+
+@pytest.mark.parametrize("noise", all_noises(0.5), ids=NOISE_IDS)
+def test_radius_scales_linearly_with_sigma(noise):
+    twice = make_noise(**{**noise.spec(), "sigma": 2 * noise.sigma})
+    for norm in NORMS:
+        assert twice.radius(0.8, norm, 100) == pytest.approx(2 * noise.radius(0.8, norm, 100))
+
+
+def test_largest_l2_radius_at_100k():
+    """All n = 100,000 votes for c_A at alpha = 0.001: rho = alpha^(1/n), radius 3.8115 sigma (§4)."""
+    rho = fastsmooth.clopper_pearson_lower(100_000, 100_000, 0.001)
+    assert rho == pytest.approx(0.001 ** (1 / 100_000), rel=1e-12)
+    for sigma in (1.0, 0.25):
+        assert round(Gaussian(sigma=sigma).radius(rho, "l2", D_CIFAR) / sigma, 4) == 3.8115
+
+
+# --------------------------------------------------------------------------------------------
+# sigma <-> scale
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,k", [("gaussian", None), ("laplace", None), ("uniform", None),
+                                    ("expinf", 1.0), ("expinf", 2.0), ("expinf", 0.5), ("expinf", 4.0)])
+@pytest.mark.parametrize("d", [1, 2, 5, 784, D_CIFAR])
+def test_sigma_scale_relation(name, k, d):
+    kw = {"k": k} if k else {}
+    ratio = float(ref_sigma_over_scale(name, d, k))
+    by_sigma = make_noise(name, sigma=0.37, **kw)
+    assert by_sigma.scale_for(d) == pytest.approx(0.37 / ratio, rel=1e-12)
+    assert by_sigma.sigma_for(d) == 0.37
+    by_scale = make_noise(name, scale=by_sigma.scale_for(d), **kw)
+    assert by_scale.sigma_for(d) == pytest.approx(0.37, rel=1e-12)  # round trip
+    assert by_scale.scale_for(d) == by_sigma.scale_for(d)
+    # the same certificate whichever way the noise was given
+    for norm in NORMS:
+        assert by_scale.radius(0.9, norm, d) == pytest.approx(by_sigma.radius(0.9, norm, d), rel=1e-12)
+
+
+def test_expinf_sigma_gamma_ratio_formula():
+    # sigma = lambda sqrt((d+2)/(3d) Gamma((d+2)/k) / Gamma(d/k)); k = 1: Gamma(d+2)/Gamma(d) = d(d+1)
+    d = 3072
+    assert ExpInf(k=1, scale=1.0).sigma_for(d) == pytest.approx(math.sqrt((d + 2) / (3 * d) * d * (d + 1)), rel=1e-12)
+    # k = 2: Gamma(d/2 + 1) / Gamma(d/2) = d/2
+    assert ExpInf(k=2, scale=1.0).sigma_for(d) == pytest.approx(math.sqrt((d + 2) / (3 * d) * d / 2), rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Construction, validation, spec
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [Gaussian, Laplace, Uniform, ExpInf])
+def test_invalid_parameters(cls):
+    for bad in (0, 0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="sigma"):
+            cls(sigma=bad)
+        with pytest.raises(ValueError, match="scale"):
+            cls(scale=bad)
+    with pytest.raises(ValueError, match="exactly one"):
+        cls()
+    with pytest.raises(ValueError, match="exactly one"):
+        cls(sigma=1.0, scale=1.0)
+
+
+def test_invalid_k_name_norm_p():
+    for k in (0, -1, -0.5, math.nan):
+        with pytest.raises(ValueError, match="k"):
+            ExpInf(k=k, sigma=1.0)
+        with pytest.raises(ValueError):
+            make_noise("expinf", k=k, sigma=1.0)
+    with pytest.raises(ValueError, match="unknown noise"):
+        make_noise("cauchy", sigma=1.0)
+    with pytest.raises(ValueError):
+        make_noise("gaussian", sigma=1.0, k=2)  # k only for expinf
+    with pytest.raises(ValueError):
+        make_noise("gaussian")
+    for noise in all_noises():
+        with pytest.raises(ValueError, match="norm"):
+            noise.radius(0.9, "l3", 10)
+        with pytest.raises(ValueError, match="norm"):
+            noise.radius(0.9, "L2", 10)
+        for p in (-0.1, 1.0000001, 2.0, math.nan):
+            with pytest.raises(ValueError, match="p_lower"):
+                noise.radius(p, "l2", 10)
+        for d in (0, -3):
+            with pytest.raises(ValueError):
+                noise.radius(0.9, "l2", d)
+
+
+@pytest.mark.parametrize("noise", all_noises(0.3) + [Laplace(scale=0.2), ExpInf(k=3.0, scale=0.01)], ids=repr)
+def test_spec_round_trip(noise):
+    import json
+
+    spec = json.loads(json.dumps(noise.spec()))
+    again = make_noise(**spec)
+    assert type(again) is type(noise) and again == noise and hash(again) == hash(noise)
+    assert again.spec() == noise.spec()
+    assert ("sigma" in spec) != ("scale" in spec)
+    assert ("k" in spec) == (noise.name == "expinf")
+    for norm in NORMS:
+        assert again.radius(0.77, norm, 50) == noise.radius(0.77, norm, 50)
+    assert make_noise(noise.name.upper(), **{k: v for k, v in spec.items() if k != "name"}) == noise
+
+
+def test_default_norms_and_names():
+    assert Gaussian(sigma=1).default_norm == "l2"
+    for n in (Laplace(sigma=1), Uniform(sigma=1), ExpInf(sigma=1)):
+        assert n.default_norm == "l1"
+    assert [n.name for n in all_noises()] == ["gaussian", "laplace", "uniform", "expinf", "expinf", "expinf"]
+    assert Gaussian(sigma=0.5) != Laplace(sigma=0.5) and ExpInf(k=1, sigma=1) != ExpInf(k=2, sigma=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Samplers against their laws
+# --------------------------------------------------------------------------------------------
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+PRODUCT_LAWS = {  # the marginal of one coordinate, in scipy, for scale lambda
+    "gaussian": lambda lam: stats.norm(scale=lam),
+    "laplace": lambda lam: stats.laplace(scale=lam),
+    "uniform": lambda lam: stats.uniform(loc=-lam, scale=2 * lam),
+}
+
+
+@pytest.mark.parametrize("name", list(PRODUCT_LAWS))
+@pytest.mark.parametrize("shape", [(60_000, 1), (8_000, 7), (1_000, 2, 3, 10)], ids=["d1", "d7", "d60"])
+def test_product_sampler_marginal_ks_and_rms(name, shape):
+    sigma = 0.7
+    noise = make_noise(name, sigma=sigma)
+    eps = noise.sample(shape, generator=gen(2024))
+    assert eps.dtype == torch.float32 and tuple(eps.shape) == shape
+    assert torch.isfinite(eps).all()
+    d = math.prod(shape[1:])
+    lam = noise.scale_for(d)
+    x = eps.reshape(shape[0], -1).double().numpy()
+    flat = x.ravel()
+    assert stats.kstest(flat, PRODUCT_LAWS[name](lam).cdf).pvalue > 1e-3
+    # per-coordinate RMS = sigma (60k values: relative error of the mean square < 2% with wide margin)
+    assert math.sqrt((flat ** 2).mean()) == pytest.approx(sigma, rel=0.02)
+    assert abs(flat.mean()) < 5 * sigma / math.sqrt(flat.size)
+    # copies are independent draws: no two rows equal, little correlation between neighbours
+    if d > 1:
+        assert len(np.unique(x, axis=0)) == shape[0]
+        c = np.corrcoef(x[:, 0], x[:, 1])[0, 1]
+        assert abs(c) < 5 / math.sqrt(shape[0])
+    c = np.corrcoef(x[:-1, 0], x[1:, 0])[0, 1]
+    assert abs(c) < 5 / math.sqrt(shape[0])
+    if name == "uniform":
+        assert flat.min() >= -lam and flat.max() <= lam
+
+
+@pytest.mark.parametrize("name", list(PRODUCT_LAWS))
+def test_sampler_reproducible_with_generator(name):
+    noise = make_noise(name, sigma=0.5)
+    a = noise.sample((100, 3, 4), generator=gen(7))
+    b = noise.sample((100, 3, 4), generator=gen(7))
+    c = noise.sample((100, 3, 4), generator=gen(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("noise", all_noises(0.5), ids=NOISE_IDS)
+def test_samplers_finite_at_extreme_uniforms(noise, monkeypatch):
+    """u = 0 exactly and u = 1 - 2^-24 (the extremes of torch.rand in float32) give finite noise (§5)."""
+    real_rand = torch.rand
+    extremes = torch.tensor([0.0, 1.0 - 2.0 ** -24, 2.0 ** -24, 0.5, 0.5 - 2.0 ** -25], dtype=torch.float64)
+
+    def rand(*size, generator=None, device=None, dtype=None, **kw):
+        shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        out = real_rand(*size, generator=generator, device=device, dtype=dtype, **kw)
+        flat = out.view(-1)
+        flat.copy_(extremes.to(out.dtype).repeat(flat.numel() // len(extremes) + 1)[:flat.numel()])
+        return out
+
+    monkeypatch.setattr(torch, "rand", rand)
+    eps = noise.sample((64, 3, 5), generator=gen(0))
+    assert torch.isfinite(eps).all()
+
+
+@pytest.mark.parametrize("k", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize("d", [1, 3, 16])
+def test_expinf_sampler_law(k, d):
+    copies = 20_000 if d < 16 else 12_000
+    noise = ExpInf(k=k, sigma=0.6)
+    lam = noise.scale_for(d)
+    eps = noise.sample((copies, d), generator=gen(31 + d)).double()
+    assert torch.isfinite(eps).all()
+    a = eps.abs()
+    r = a.max(dim=1).values  # ||eps||_inf = r, the per-copy radius
+    # (||eps||_inf / lambda)^k ~ Gamma(d/k, 1)
+    s = (r / lam).pow(k).numpy()
+    assert stats.kstest(s, stats.gamma(d / k).cdf).pvalue > 1e-3
+    # exactly one coordinate on the face |u| = 1 per copy
+    on_face = (a == r[:, None])
+    assert torch.equal(on_face.sum(dim=1), torch.ones(copies, dtype=torch.int64))
+    face = on_face.int().argmax(dim=1).numpy()
+    sign = eps[torch.arange(copies), torch.as_tensor(face)].sign().numpy()
+    assert stats.binomtest(int((sign > 0).sum()), copies).pvalue > 1e-3  # fair sign
+    if d > 1:
+        # the face is uniform over the coordinates
+        assert stats.chisquare(np.bincount(face, minlength=d)).pvalue > 1e-3
+        # the other coordinates are u_i * r with u_i ~ U(-1, 1)
+        u = (eps / r[:, None])[~on_face].numpy()
+        assert stats.kstest(u, stats.uniform(loc=-1, scale=2).cdf).pvalue > 1e-3
+    # the radius is drawn per copy: all distinct, uncorrelated between neighbouring copies
+    rn = r.numpy()
+    assert len(np.unique(rn)) > 0.999 * copies
+    assert abs(stats.spearmanr(rn[:-1], rn[1:]).statistic) < 5 / math.sqrt(copies)
+    # moments of DESIGN §3: per-coordinate RMS = sigma; E||eps||_1 = E[r] (d+1)/2
+    assert math.sqrt((eps ** 2).mean().item()) == pytest.approx(0.6, rel=0.03)
+    mean_r = lam * math.exp(math.lgamma((d + 1) / k) - math.lgamma(d / k))
+    assert eps.abs().sum(dim=1).mean().item() == pytest.approx(mean_r * (d + 1) / 2, rel=0.03)
+
+
+def test_expinf_sampler_cifar_sized():
+    d = 3 * 32 * 32
+    noise = ExpInf(k=1, sigma=0.25)
+    eps = noise.sample((400, 3, 32, 32), generator=gen(5)).reshape(400, -1).double()
+    r = eps.abs().max(dim=1).values
+    s = (r / noise.scale_for(d)).numpy()
+    assert stats.kstest(s, stats.gamma(d).cdf).pvalue > 1e-3
+    assert len(np.unique(r.numpy())) == 400
+    assert math.sqrt((eps ** 2).mean().item()) == pytest.approx(0.25, rel=0.02)
+
+
+@pytest.mark.parametrize("alpha", [0.25, 1.0, 2.5, 1536.0])
+def test_sample_gamma_law(alpha):
+    g = sample_gamma(alpha, 20_000, generator=gen(11))
+    assert g.dtype == torch.float64 and (g > 0).all() and torch.isfinite(g).all()
+    assert stats.kstest(g.numpy(), stats.gamma(alpha).cdf).pvalue > 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# Radii are sound at the exact p_A of linear classifiers (no sampling)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("t", [0.05, 0.3, 0.9, 2.0])
+def test_radius_at_exact_pA_axis_aligned(t):
+    """f(x) = sign(x_1 + t): the boundary is at distance t in every norm. p_A = P(eps_1 > -t) from
+    the marginal. Laplace and Uniform l1 radii are then exactly t; nothing may exceed t."""
+    d, sigma = 3072, 1.0
+    lap, uni, gau = Laplace(sigma=sigma), Uniform(sigma=sigma), Gaussian(sigma=sigma)
+    lam_l, lam_u = lap.scale_for(d), uni.scale_for(d)
+    p_lap = float(stats.laplace(scale=lam_l).sf(-t))
+    assert lap.radius(p_lap, "l1", d) == pytest.approx(t, rel=1e-9)
+    if t < lam_u:
+        p_uni = float(stats.uniform(loc=-lam_u, scale=2 * lam_u).sf(-t))
+        assert uni.radius(p_uni, "l1", d) == pytest.approx(t, rel=1e-9)
+        for norm in NORMS:
+            assert uni.radius(p_uni, norm, d) <= t * (1 + 1e-9)
+    p_gau = float(stats.norm.sf(-t / sigma))
+    assert gau.radius(p_gau, "l2", d) == pytest.approx(t, rel=1e-9)
+    for norm in NORMS:
+        assert lap.radius(p_lap, norm, d) <= t * (1 + 1e-9)
+        assert gau.radius(p_gau, norm, d) <= t * (1 + 1e-9)
+
+
+def test_uniform_linf_radius_sound_on_diagonal():
+    """d = 2, f(x) = sign(x_1 + x_2 + s): l_inf distance s/2; eps_1 + eps_2 is triangular."""
+    lam = 1.0
+    noise = Uniform(scale=lam)
+    for s in (0.1, 0.5, 1.0, 1.5, 1.9):
+        p = 1 - (2 * lam - s) ** 2 / (8 * lam ** 2)
+        r = noise.radius(p, "linf", 2)
+        assert 0 < r <= s / 2
+        assert noise.radius(p, "l2", 2) <= s / math.sqrt(2)
