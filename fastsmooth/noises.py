@@ -44,6 +44,19 @@ def _check_norm(norm: str) -> str:
     return norm
 
 
+def _positive_float(value, what: str) -> float:
+    """A finite number > 0 (Python, numpy or 0-d torch scalars; not bool) as a float, or ValueError."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a finite number > 0, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
+    return number
+
+
 def _check_dim(dim: int) -> int:
     if int(dim) != dim or dim < 1:
         raise ValueError(f"dim must be a positive integer, got {dim!r}")
@@ -59,12 +72,10 @@ class Noise:
     def __init__(self, *, sigma: Optional[float] = None, scale: Optional[float] = None):
         if (sigma is None) == (scale is None):
             raise ValueError(f"{type(self).__name__}: give exactly one of sigma= or scale=")
-        value = sigma if sigma is not None else scale
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            which = "sigma" if sigma is not None else "scale"
-            raise ValueError(f"{type(self).__name__}: {which} must be a finite number > 0, got {value!r}")
-        self.sigma = None if sigma is None else float(sigma)
-        self.scale = None if scale is None else float(scale)
+        which = "sigma" if sigma is not None else "scale"
+        value = _positive_float(sigma if sigma is not None else scale, f"{type(self).__name__}: {which}")
+        self.sigma = value if sigma is not None else None
+        self.scale = value if scale is not None else None
 
     # -- parameters -------------------------------------------------------------------------
     def _sigma_over_scale(self, dim: int) -> float:
@@ -119,8 +130,10 @@ class Noise:
         """{norm: radius} for the norms this noise certifies directly (p_lower > 1/2)."""
         raise NotImplementedError
 
-    def radius(self, p_lower: float, norm: Optional[str] = None, dim: int = 1) -> float:
-        """Certified radius in ``norm`` (default: the noise's own) for inputs of ``dim`` elements.
+    def radius(self, p_lower: float, norm: Optional[str], dim: int) -> float:
+        """Certified radius in ``norm`` (None: the noise's own) for inputs of ``dim`` elements.
+
+        ``dim`` has no default on purpose: the l2 and l_inf conversions depend on it.
 
         The largest over this noise's direct certificates, each moved to ``norm`` by the sound
         conversion of ``convert_radius``. 0.0 when p_lower <= 1/2 (no certificate).
@@ -207,10 +220,9 @@ class ExpInf(Noise):
     default_norm = "l1"
 
     def __init__(self, k: float = 1.0, *, sigma: Optional[float] = None, scale: Optional[float] = None):
-        if not isinstance(k, (int, float)) or not math.isfinite(k) or k <= 0:
-            raise ValueError(f"ExpInf: k must be a finite number > 0, got {k!r}")
+        k = _positive_float(k, "ExpInf: k")
         super().__init__(sigma=sigma, scale=scale)
-        self.k = float(k)
+        self.k = k
 
     def spec(self):
         return {**super().spec(), "k": self.k}
