@@ -103,12 +103,13 @@ def _setup(args):
     from .smooth import Smooth
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dataset_name = args.dataset or "mnist"
-    if dataset_name not in data.DATASETS:
-        raise CliError(f"unknown dataset {dataset_name!r}; known: {', '.join(sorted(data.DATASETS))}")
+    if args.dataset is not None and args.dataset not in data.DATASETS:
+        raise CliError(f"unknown dataset {args.dataset!r}; known: {', '.join(sorted(data.DATASETS))}")
     ckpt_meta = {}
     if args.model is not None:
-        model, ckpt_meta = models.load_checkpoint(args.model, dataset=dataset_name, device=device)
+        # The checkpoint knows its data set (normalization, classes) unless --dataset overrides it.
+        model, ckpt_meta = models.load_checkpoint(args.model, dataset=args.dataset, device=device)
+    dataset_name = args.dataset or ckpt_meta.get("dataset") or "mnist"
     spec = dict(ckpt_meta.get("noise") or {})
     if args.noise is not None and args.noise != spec.get("name"):
         spec = {"name": args.noise}
@@ -126,9 +127,11 @@ def _setup(args):
             raise CliError(f"there is no embedded model for {dataset_name!r}: pass --model CHECKPOINT")
         model = embedded.default_model(noise, device=device, progress=not args.no_progress)
     dataset = data.get_dataset(dataset_name, split=args.split, root=args.data_root)
-    num_classes = data.DATASETS[dataset_name].num_classes
+    num_classes = ckpt_meta.get("num_classes") or dataset.info.num_classes
     smooth = Smooth(model, num_classes, noise, backend=args.backend, precision=args.precision,
                     seed=args.seed, device=device)
+    if len(dataset):
+        smooth.sampler.prepare(dataset[0][0].shape)  # resolve precision="auto" before the metadata
     meta = {"command": args.command, "dataset": dataset_name, "split": args.split,
             "model": os.path.abspath(args.model) if args.model else "embedded", **smooth.metadata,
             "alpha": args.alpha, "n": args.n, "batch": args.batch, "skip": args.skip, "max": args.max,
