@@ -1,0 +1,509 @@
+"""`fastsmooth bench`: certify throughput against the reference loop and the bare model forward.
+
+DESIGN §6: the floor is the bare model forward; the yardstick is Cohen et al.'s sampling loop. For
+one model and one number of noisy copies, three methods run side by side, interleaved round by
+round in one process:
+
+* reference  — Cohen et al.'s ``Smooth._sample_noise`` (core.py), written out here: for every batch
+  ``x.repeat``, ``randn_like * sigma``, float32 forward of the model as given (NCHW), argmax, copy
+  to the host and count in numpy; CERTIFY runs it for the n0 selection copies, then for n.
+* bare       — the model forward alone in the engine's configuration (its model object, precision,
+  channels_last, batch size, a batch buffer like the engine's): no noise, no votes, no statistics.
+* fastsmooth — ``Smooth.certify_many`` over the same images with the same n0 and n.
+
+Throughput is noisy copies per second; the ratios are reference / fastsmooth (the speed-up, higher is
+better) and fastsmooth / bare (the engine's overhead over the floor, 1.0 is perfect). Each method's
+figure is from its best round (least disturbed by other processes); medians are recorded too.
+
+The measurement code lives here and only here: bench/ (pytest-benchmark) imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .noises import Gaussian
+from .telemetry import device_facts, summary
+
+METHODS = ("reference", "bare", "fastsmooth")
+LABELS = {"reference": "reference loop (Cohen et al.)", "bare": "bare model forward",
+          "fastsmooth": "fastsmooth certify"}
+EMBEDDED = "embedded"
+TARGET_OVERHEAD = 1.10          # fastsmooth / bare at most this (issue 4)
+TARGET_SPEEDUP = {"cpu": 4.0, "cuda": 10.0}  # reference / fastsmooth at least this (issue 4)
+
+
+# -- the workload -------------------------------------------------------------------------------
+
+@dataclass
+class Workload:
+    """One model and one amount of work: ``images`` images, each certified with n0 + n copies."""
+
+    name: str
+    model: nn.Module
+    num_classes: int
+    shape: Tuple[int, ...]
+    n0: int = 100
+    n: int = 2_000
+    images: int = 1
+    batch: int = 1000
+    sigma: float = 0.25
+    precision: str = "auto"
+    backend: str = "auto"
+    device: Optional[str] = None
+    seed: int = 0
+    alpha: float = 0.001
+
+    @property
+    def copies(self) -> int:
+        return self.images * (self.n0 + self.n)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_model(arch: str, dataset: Optional[str] = None, sigma: float = 0.25, device=None,
+               checkpoint: Optional[str] = None) -> Tuple[nn.Module, int, Tuple[int, ...], str]:
+    """(model, num_classes, input shape CHW, name) for a checkpoint, a named architecture with random
+    weights, or ``arch="embedded"``: the embedded default model trained with Gaussian(sigma)."""
+    from . import data, models
+
+    if checkpoint is not None:
+        model, meta = models.load_checkpoint(checkpoint, dataset=dataset, device="cpu")
+        info = data.get_info(meta["dataset"])
+        shape = tuple(meta.get("input_shape") or info.shape or ())
+        if not shape:
+            raise ValueError(f"{checkpoint}: the input size is not fixed by dataset {info.name!r}; "
+                             "give the checkpoint an 'input_shape' entry")
+        return model, int(meta["num_classes"]), shape, f"{os.path.basename(checkpoint)} ({meta['arch']}, {info.name})"
+    if arch == EMBEDDED:
+        from . import embedded
+
+        dataset = dataset or "mnist"
+        model = embedded.default_model(Gaussian(sigma=sigma), device=device, progress=False)
+        info = data.get_info(dataset)
+        return model, int(info.num_classes), tuple(info.shape), f"embedded default model ({info.name})"
+    dataset = dataset or ("imagenet" if arch == "resnet50" else "cifar10")
+    info = data.get_info(dataset)
+    if info.shape is None or info.num_classes is None:
+        raise ValueError(f"dataset {info.name!r} fixes no input size or class count; use a fixed-size dataset")
+    torch.manual_seed(0)  # random weights, the same every run
+    model = models.get_architecture(arch, info).eval()
+    return model, int(info.num_classes), tuple(info.shape), f"{arch} ({info.name}, random weights)"
+
+
+# -- the three methods -------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def cohen_count_arr(arr: np.ndarray, length: int) -> np.ndarray:
+    """Cohen et al.'s ``Smooth._count_arr``, as written in core.py."""
+    counts = np.zeros(length, dtype=int)
+    for idx in arr:
+        counts[idx] += 1
+    return counts
+
+
+def cohen_sample_noise(model: nn.Module, x: torch.Tensor, sigma: float, num: int, batch_size: int,
+                       num_classes: int) -> np.ndarray:
+    """Cohen et al.'s ``Smooth._sample_noise`` (core.py), with ``x`` already on the model's device."""
+    with torch.no_grad():
+        counts = np.zeros(num_classes, dtype=int)
+        for _ in range(math.ceil(num / batch_size)):
+            this_batch_size = min(batch_size, num)
+            num -= this_batch_size
+            batch = x.repeat((this_batch_size, 1, 1, 1))
+            noise = torch.randn_like(batch, device=x.device) * sigma
+            predictions = model(batch + noise).argmax(1)
+            counts += cohen_count_arr(predictions.cpu().numpy(), num_classes)
+        return counts
+
+
+class Runners:
+    """The three methods on one workload, each a zero-argument callable doing ``workload.copies``
+    noisy copies (bare: forwards) and returning when the device is done."""
+
+    def __init__(self, w: Workload):
+        from .smooth import Smooth
+
+        self.workload = w
+        self.device = torch.device(w.device) if w.device is not None else default_device()
+        gen = torch.Generator().manual_seed(w.seed)
+        self.images = torch.rand((w.images, *w.shape), generator=gen).to(self.device)
+        # Cohen's loop gets the model as the user gave it (fp32, its own memory format); the engine
+        # may convert its model in place (channels_last), so the reference runs on a copy.
+        self.reference_model = copy.deepcopy(w.model).to(self.device).float().eval()
+        self.noise = Gaussian(sigma=w.sigma)
+        self.smooth = Smooth(w.model, w.num_classes, self.noise, backend=w.backend, precision=w.precision,
+                             seed=w.seed, device=self.device)
+        s = self.smooth.sampler
+        if hasattr(s, "prepare"):  # resolve precision="auto" (and the layout) for this input shape now,
+            s.prepare(tuple(w.shape))  # before the bare forward's buffer is made and the config is read
+        self.engine = dict(self.smooth.metadata)
+        # The bare forward runs through the engine's own forward path on the engine's own batch
+        # buffer (so a CUDA graph captured over that buffer serves both), filled once with noisy
+        # copies so that the model sees realistic values; later certify calls refill it likewise.
+        rows = min(w.batch, max(w.copies, 1))
+        make_buffer = getattr(s, "_batch_buffer", None)
+        if make_buffer is not None:
+            buf = make_buffer(rows, tuple(w.shape))
+        else:  # an engine without the helper: a buffer made as the engine documents it
+            buf = torch.empty((rows, *w.shape), dtype=s.dtype, device=self.device)
+            if s.channels_last and buf.dim() == 4:
+                buf = buf.to(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            buf.copy_(self.images[0] + self.noise.sample((rows, *w.shape)).to(self.device))
+        self.buffer = buf
+
+    def _engine_forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """The engine's forward of one batch: CUDA-graph replay for full batches where the engine
+        uses it, else its eager forward (autocast to its precision); a plain autocast forward for an
+        engine without these helpers."""
+        s = self.smooth.sampler
+        if getattr(s, "cuda_graph", False) and batch.shape[0] == self.buffer.shape[0] and hasattr(s, "_graphed_forward"):
+            return s._graphed_forward(batch)
+        if hasattr(s, "_forward"):
+            return s._forward(batch)
+        with torch.autocast(self.device.type, dtype=s.dtype, enabled=s.dtype != torch.float32):
+            return s.model(batch)
+
+    # Each method -------------------------------------------------------------------------------
+    def reference(self):
+        w = self.workload
+        out = []
+        for x in self.images:  # Cohen's certify: n0 selection copies, then n estimation copies
+            out.append(cohen_sample_noise(self.reference_model, x, w.sigma, w.n0, w.batch, w.num_classes))
+            out.append(cohen_sample_noise(self.reference_model, x, w.sigma, w.n, w.batch, w.num_classes))
+        return out
+
+    def bare(self):
+        s, w = self.smooth.sampler, self.workload
+        if hasattr(s, "_batch_buffer"):  # the engine's buffer as it is now (it may have been remade)
+            self.buffer = s._batch_buffer(self.buffer.shape[0], tuple(w.shape))
+        left = w.copies
+        with torch.inference_mode():
+            while left:
+                rows = min(left, self.buffer.shape[0])
+                self._engine_forward(self.buffer[:rows])
+                left -= rows
+        _sync(self.device)
+
+    def fastsmooth(self):
+        w = self.workload
+        certs = list(self.smooth.certify_many(((i, x) for i, x in enumerate(self.images)), n0=w.n0, n=w.n,
+                                              alpha=w.alpha, batch_size=w.batch))
+        _sync(self.device)
+        return certs
+
+    def method(self, name: str) -> Callable[[], object]:
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
+        return getattr(self, name)
+
+    def describe(self, name: str) -> str:
+        """The configuration a method runs in, for the table."""
+        e = self.engine
+        if name == "reference":
+            return f"fp32, {_memory_format(self.reference_model)}, batch {self.workload.batch}"
+        layout = "channels_last" if e.get("channels_last") else "NCHW"
+        graph = ", CUDA graph" if getattr(self.smooth.sampler, "cuda_graph", False) else ""
+        if name == "bare":
+            return f"{e.get('precision')}, {layout}, batch {self.workload.batch}{graph}"
+        return f"{e.get('precision')}, {layout}, batch {self.workload.batch}{graph}, {e.get('backend')} backend"
+
+
+def _memory_format(model: nn.Module) -> str:
+    for p in model.parameters():
+        if p.dim() == 4:
+            return "channels_last" if p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() else "NCHW"
+    return "NCHW"
+
+
+# -- measurement --------------------------------------------------------------------------------
+
+@dataclass
+class Measurement:
+    """Timings of the methods of one ``Runners``, round by round, on one clock (perf_counter, device
+    synchronized). ``run(name)`` times one call and records it; the first call of each method is a
+    warm-up (kernel selection, oneDNN primitives, allocator) and is kept apart."""
+
+    runners: Runners
+    seconds: Dict[str, List[float]] = field(default_factory=dict)
+    cpu_seconds: Dict[str, List[float]] = field(default_factory=dict)
+    warmup_seconds: Dict[str, float] = field(default_factory=dict)
+
+    def run(self, name: str) -> float:
+        """Time one call of method ``name``: wall seconds (returned and recorded) and this process's
+        CPU seconds (recorded: on a shared CPU less disturbed by other processes than wall time)."""
+        fn = self.runners.method(name)
+        _sync(self.runners.device)
+        cpu, start = time.process_time(), time.perf_counter()
+        fn()
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        if name not in self.warmup_seconds:
+            self.warmup_seconds[name] = elapsed
+        else:
+            self.seconds.setdefault(name, []).append(elapsed)
+            self.cpu_seconds.setdefault(name, []).append(cpu)
+        return elapsed
+
+    def warmup(self, methods: Sequence[str] = METHODS) -> None:
+        for name in methods:
+            if name not in self.warmup_seconds:
+                self.run(name)
+
+    def rounds(self, count: int, methods: Sequence[str] = METHODS) -> None:
+        """``count`` measured rounds, the methods interleaved within each round."""
+        self.warmup(methods)
+        for _ in range(count):
+            for name in methods:
+                self.run(name)
+
+    # Results ----------------------------------------------------------------------------------
+    def best(self, name: str) -> Optional[float]:
+        times = self.seconds.get(name)
+        return min(times) if times else None
+
+    def copies_per_s(self, name: str, how: str = "best") -> Optional[float]:
+        times = self.seconds.get(name)
+        if not times:
+            return None
+        t = min(times) if how == "best" else statistics.median(times)
+        return self.runners.workload.copies / t
+
+    def ratios(self, how: str = "best") -> Dict[str, Optional[float]]:
+        pick = min if how == "best" else statistics.median
+        t = {m: pick(self.seconds[m]) if self.seconds.get(m) else None for m in METHODS}
+        return {
+            "reference_over_fastsmooth": t["reference"] / t["fastsmooth"] if t["reference"] and t["fastsmooth"] else None,
+            "fastsmooth_over_bare": t["fastsmooth"] / t["bare"] if t["fastsmooth"] and t["bare"] else None,
+        }
+
+    def record(self, facts: Optional[dict] = None) -> dict:
+        """A json-able record: workload, engine configuration, copies/s, ratios, raw timings, facts."""
+        w, r = self.runners.workload, self.runners
+        best, median = self.ratios("best"), self.ratios("median")
+        rec = {
+            "model": w.name, "input_shape": list(w.shape), "num_classes": w.num_classes,
+            "copies": w.copies, "images": w.images, "n0": w.n0, "n": w.n, "batch": w.batch, "sigma": w.sigma,
+            "engine": r.engine,
+            "configs": {m: r.describe(m) for m in METHODS},
+            "copies_per_s": {m: self.copies_per_s(m) for m in METHODS},
+            "copies_per_s_median": {m: self.copies_per_s(m, "median") for m in METHODS},
+            **best,
+            "ratios_median": median,
+            "seconds": {m: list(v) for m, v in self.seconds.items()},
+            "cpu_seconds": {m: list(v) for m, v in self.cpu_seconds.items()},
+            "warmup_seconds": dict(self.warmup_seconds),
+        }
+        rec["device_facts"] = facts if facts is not None else device_facts(r.device)
+        return rec
+
+
+class EngineProfile:
+    """Where certify's time goes: wraps the engine's fill / forward / vote for the duration of a
+    ``with`` block and accumulates their wall time (device-synchronized around each call, so on CUDA
+    it removes the overlap it measures: a breakdown, not a throughput). ``other`` is the rest of the
+    certify call: batching, slots, statistics, the host reads."""
+
+    PARTS = ("fill", "forward", "vote")
+
+    def __init__(self, runners: Runners):
+        self.runners = runners
+        self.seconds = {p: 0.0 for p in self.PARTS}
+        self.calls = {p: 0 for p in self.PARTS}
+        self.total = 0.0
+        self._depth = {p: 0 for p in self.PARTS}
+        self._saved = []
+
+    def _wrap(self, obj, attr: str, part: str) -> None:
+        fn = getattr(obj, attr, None)
+        if fn is None:
+            return
+        device = self.runners.device
+
+        def timed(*args, **kwargs):
+            # Only the outermost call of a part is timed (the graphed forward calls the eager one
+            # while capturing), and nothing is synchronized while a CUDA graph is being captured.
+            outer = self._depth[part] == 0 and not _capturing(device)
+            self._depth[part] += 1
+            try:
+                if outer:
+                    _sync(device)
+                    start = time.perf_counter()
+                out = fn(*args, **kwargs)
+                if outer:
+                    _sync(device)
+                    self.seconds[part] += time.perf_counter() - start
+                    self.calls[part] += 1
+            finally:
+                self._depth[part] -= 1
+            return out
+
+        self._saved.append((obj, attr, obj.__dict__.get(attr, _MISSING)))
+        setattr(obj, attr, timed)
+
+    def __enter__(self):
+        s = self.runners.smooth.sampler
+        self._wrap(s.backend, "fill", "fill")
+        self._wrap(s, "_forward", "forward")
+        self._wrap(s, "_graphed_forward", "forward")
+        self._wrap(s.backend, "vote", "vote")
+        return self
+
+    def __exit__(self, *exc):
+        for obj, attr, old in reversed(self._saved):
+            if old is _MISSING:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, old)
+        self._saved.clear()
+        return False
+
+    def run(self, rounds: int = 1) -> "EngineProfile":
+        """Time ``rounds`` certify calls (after the caller's warm-up) under the wrappers."""
+        with self:
+            for _ in range(rounds):
+                start = time.perf_counter()
+                self.runners.fastsmooth()
+                self.total += time.perf_counter() - start
+        return self
+
+    def breakdown(self) -> dict:
+        other = max(0.0, self.total - sum(self.seconds.values()))
+        return {"total_s": self.total, **{f"{p}_s": self.seconds[p] for p in self.PARTS}, "other_s": other,
+                "calls": dict(self.calls)}
+
+    def format(self) -> str:
+        b, total = self.breakdown(), self.total or float("nan")
+        parts = [f"{p} {b[p + '_s']:.3f} s ({100 * b[p + '_s'] / total:.1f}%, {self.calls[p]} calls)" for p in self.PARTS]
+        parts.append(f"other {b['other_s']:.3f} s ({100 * b['other_s'] / total:.1f}%)")
+        return f"certify {total:.3f} s = " + ", ".join(parts)
+
+
+_MISSING = object()
+
+
+def measure(workload: Workload, rounds: int = 3, methods: Sequence[str] = METHODS) -> Measurement:
+    m = Measurement(Runners(workload))
+    m.rounds(rounds, methods)
+    return m
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    if value is None:
+        digits = "".join(ch for ch in spec.split(".")[0].split(",")[0] if ch.isdigit())
+        return "-".rjust(int(digits) if digits else 1)
+    return format(value, spec)
+
+
+def format_table(record: dict) -> str:
+    """The human table of one record (see ``Measurement.record``)."""
+    facts = record.get("device_facts") or {}
+    e = record["engine"]
+    lines = [
+        f"machine : {summary(facts) if facts else '?'}",
+        f"model   : {record['model']}, input {'x'.join(map(str, record['input_shape']))}, "
+        f"{record['num_classes']} classes",
+        f"work    : {record['copies']:,} noisy copies per method = {record['images']} image(s) x "
+        f"(n0 {record['n0']} + n {record['n']:,}), batch {record['batch']}, Gaussian sigma {record['sigma']}",
+        f"engine  : backend {e.get('backend')}, precision {e.get('precision')}, channels_last "
+        f"{e.get('channels_last')}, device {e.get('device')}",
+        "",
+        f"{'method':<30} {'configuration':<50} {'best s':>9} {'copies/s':>11} {'median copies/s':>16}",
+    ]
+    for m in METHODS:
+        times = record["seconds"].get(m) or []
+        lines.append(f"{LABELS[m]:<30} {record['configs'][m]:<50} {_fmt(min(times) if times else None, '9.3f')} "
+                     f"{_fmt(record['copies_per_s'][m], '11,.0f')} {_fmt(record['copies_per_s_median'][m], '16,.0f')}")
+    device_type = (e.get("device") or "cpu").split(":")[0]
+    speed, over = record["reference_over_fastsmooth"], record["fastsmooth_over_bare"]
+    med = record["ratios_median"]
+    lines += [
+        "",
+        f"reference / fastsmooth = {_fmt(speed, '.2f')}x (median {_fmt(med['reference_over_fastsmooth'], '.2f')}x; "
+        f"target >= {TARGET_SPEEDUP.get(device_type, 4.0):g}x)",
+        f"fastsmooth / bare      = {_fmt(over, '.3f')}x (median {_fmt(med['fastsmooth_over_bare'], '.3f')}x; "
+        f"target <= {TARGET_OVERHEAD:.2f}x)",
+    ]
+    return "\n".join(lines)
+
+
+# -- `fastsmooth bench` ---------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Certify throughput (noisy copies/s) of fastsmooth against Cohen et al.'s "
+                          "reference loop and the bare model forward, for one model.")
+    parser.add_argument("--model", default=None, help="checkpoint {'arch','state_dict'} (default: --arch with random weights)")
+    parser.add_argument("--dataset", default=None, help="data set fixing input size and classes "
+                        "(default: the checkpoint's; cifar10 for CIFAR architectures; mnist for embedded)")
+    parser.add_argument("--arch", default="cifar_resnet20",
+                        help="architecture with random weights when no --model is given, or 'embedded' for "
+                             "the embedded default model (default cifar_resnet20)")
+    parser.add_argument("--copies", type=int, default=None,
+                        help="estimation copies n per image (default 100000 on CUDA, 2000 on CPU)")
+    parser.add_argument("--n0", type=int, default=100, help="selection copies per image (default 100)")
+    parser.add_argument("--images", type=int, default=1, help="images certified per measurement (default 1)")
+    parser.add_argument("--batch", type=int, default=1000, help="copies per forward batch (default 1000)")
+    parser.add_argument("--sigma", type=float, default=0.25, help="Gaussian noise level (default 0.25)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds after one warm-up (default 3)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference loop (slow on big models)")
+    parser.add_argument("--profile", action="store_true",
+                        help="then time the engine's parts (noise fill, forward, votes, other) over the rounds")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the record (with device facts) as JSON")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("copies", "n0", "images", "batch", "rounds"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name} must be > 0, got {value}")
+    if args.sigma <= 0:
+        raise ValueError(f"--sigma must be > 0, got {args.sigma}")
+    device = torch.device(args.device) if args.device else default_device()
+    copies = args.copies or (100_000 if device.type == "cuda" else 2_000)
+    model, num_classes, shape, name = make_model(args.arch, args.dataset, args.sigma, device, args.model)
+    workload = Workload(name, model, num_classes, shape, n0=args.n0, n=copies, images=args.images,
+                        batch=args.batch, sigma=args.sigma, precision=args.precision, backend=args.backend,
+                        device=str(device))
+    methods = [m for m in METHODS if not (args.no_reference and m == "reference")]
+    print(f"fastsmooth bench: {name}: 1 warm-up + {args.rounds} rounds of {', '.join(methods)} "
+          f"({workload.copies:,} copies each)...", file=sys.stderr, flush=True)
+    m = measure(workload, args.rounds, methods)
+    record = m.record()
+    print(format_table(record))
+    if args.profile:
+        prof = EngineProfile(m.runners).run(args.rounds)
+        record["profile"] = prof.breakdown()
+        print(f"\nprofile : {prof.format()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=2, default=str)
+    return 0
