@@ -150,55 +150,13 @@ def _bf16_bits_rtne(y):
 
 
 @triton.jit
-def _store_lane(x_ptr, out_ptr, x_base, out_row, e, mask, eps, D2, D3, s1, s2, s3,
-                CONTIG: tl.constexpr, BF16_BITS: tl.constexpr):
-    xv = tl.load(x_ptr + x_base + e, mask=mask, other=0.0)
-    y = xv + eps
-    if CONTIG:
-        off = e
-    else:
-        i1 = e // (D2 * D3)
-        rem = e % (D2 * D3)
-        off = i1.to(tl.int64) * s1 + (rem // D3).to(tl.int64) * s2 + (rem % D3).to(tl.int64) * s3
-    if BF16_BITS:
-        tl.store(out_ptr + out_row + off, _bf16_bits_rtne(y), mask=mask)
-    else:
-        tl.store(out_ptr + out_row + off, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit(do_not_specialize=["k0", "k1", "slot", "image", "first_copy", "count", "row0"])
-def _perturb_kernel(x_ptr, out_ptr, params_ptr, lam, k0, k1, slot, image, first_copy, count, row0,
-                    D, D2, D3, s0, s1, s2, s3,
-                    NOISE: tl.constexpr, ROWS: tl.constexpr, P: tl.constexpr, CONTIG: tl.constexpr,
-                    BOOST: tl.constexpr, MAX_IT: tl.constexpr, BF16_BITS: tl.constexpr):
-    """Copies first_copy + [0, count) of image `image` (pixels xs[slot]) into out rows row0 + ...
-
-    Tile: ROWS copies x P Philox groups (4 P elements: P / 128 chunks of 512; P < 128 only when
-    d <= P, one tile per copy). Grid: (cdiv(count, ROWS), cdiv(chunks of d, max(1, P / 128))).
-    """
-    LANE: tl.constexpr = 128
-    pid_r = tl.program_id(0)
-    pid_e = tl.program_id(1)
-    r = pid_r * ROWS + tl.arange(0, ROWS)
-    rmask = r < count
-    k0u = k0.to(tl.uint32)
-    k1u = k1.to(tl.uint32)
-    copy = (first_copy + r).to(tl.uint32)
-    image_u = tl.zeros([ROWS], dtype=tl.uint32) + image.to(tl.uint32)
-
-    p = tl.arange(0, P)
-    chunk = pid_e * (P // LANE) + p // LANE
-    t = p % LANE
-    group = (chunk * LANE + t).to(tl.uint32)
-    e0 = chunk * (4 * LANE) + t                                  # element of lane 0, (P,)
-
-    w0, w1, w2, w3 = philox4x32(group[None, :], copy[:, None], image_u[:, None],
-                                tl.zeros([1, 1], dtype=tl.uint32), k0u, k1u)
+def _eps4(w0, w1, w2, w3, e0, lam, rr, face, jj, NOISE: tl.constexpr):
+    """float32 noise of the four lanes fed by one Philox call: elements e0 + 128 l, l = 0..3.
+    ExpInf: rr = radius, face = +-radius, jj = face index (broadcastable against e0)."""
     w0 = w0.to(tl.int32, bitcast=True)
     w1 = w1.to(tl.int32, bitcast=True)
     w2 = w2.to(tl.int32, bitcast=True)
     w3 = w3.to(tl.int32, bitcast=True)
-
     if NOISE == 0:
         n0, n1 = _box_muller(w0, w1)
         n2, n3 = _box_muller(w2, w3)
@@ -217,29 +175,140 @@ def _perturb_kernel(x_ptr, out_ptr, params_ptr, lam, k0, k1, slot, image, first_
         eps2 = lam * _s32(w2)
         eps3 = lam * _s32(w3)
     else:
+        eps0 = tl.where(e0 == jj, face, rr * _s32(w0))
+        eps1 = tl.where(e0 + 128 == jj, face, rr * _s32(w1))
+        eps2 = tl.where(e0 + 256 == jj, face, rr * _s32(w2))
+        eps3 = tl.where(e0 + 384 == jj, face, rr * _s32(w3))
+    return eps0, eps1, eps2, eps3
+
+
+@triton.jit
+def _finish(x_ptrs, out_ptrs, mask, eps, BF16_BITS: tl.constexpr):
+    """out = cast(x + eps): noise added in float32, one rounding to the output dtype."""
+    y = tl.load(x_ptrs, mask=mask, other=0.0) + eps
+    if BF16_BITS:
+        tl.store(out_ptrs, _bf16_bits_rtne(y), mask=mask)
+    else:
+        tl.store(out_ptrs, y.to(out_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _strided_offset(e, D2, D3, s1, s2, s3):
+    i1 = e // (D2 * D3)
+    rem = e % (D2 * D3)
+    return i1.to(tl.int64) * s1 + (rem // D3).to(tl.int64) * s2 + (rem % D3).to(tl.int64) * s3
+
+
+@triton.jit(do_not_specialize=["k0", "k1", "slot", "image", "first_copy", "count", "row0"])
+def _perturb_kernel(x_ptr, out_ptr, params_ptr, lam, k0, k1, slot, image, first_copy, count, row0,
+                    D, D2, D3, s0, s1, s2, s3,
+                    NOISE: tl.constexpr, ROWS: tl.constexpr, P: tl.constexpr, CONTIG: tl.constexpr,
+                    BOOST: tl.constexpr, MAX_IT: tl.constexpr, BF16_BITS: tl.constexpr):
+    """Copies first_copy + [0, count) of image `image` (pixels xs[slot]) into out rows row0 + ...
+
+    Tile: ROWS copies x P Philox groups (4 P elements: P / 128 chunks of 512; P < 128 only when
+    d <= P, one tile per copy). Grid: (cdiv(count, ROWS), cdiv(chunks of d, max(1, P / 128))).
+    Output: contiguous copies (CONTIG) or any 3-d strided copy layout (D1, D2, D3; s1, s2, s3).
+    """
+    LANE: tl.constexpr = 128
+    pid_r = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    r = pid_r * ROWS + tl.arange(0, ROWS)
+    rmask = r < count
+    k0u = k0.to(tl.uint32)
+    k1u = k1.to(tl.uint32)
+    copy = (first_copy + r).to(tl.uint32)
+    image_u = tl.zeros([ROWS], dtype=tl.uint32) + image.to(tl.uint32)
+
+    p = tl.arange(0, P)
+    chunk = pid_e * (P // LANE) + p // LANE
+    t = p % LANE
+    group = (chunk * LANE + t).to(tl.uint32)
+    e0 = (chunk * (4 * LANE) + t)[None, :]                       # element of lane 0, (1, P)
+
+    w0, w1, w2, w3 = philox4x32(group[None, :], copy[:, None], image_u[:, None],
+                                tl.zeros([1, 1], dtype=tl.uint32), k0u, k1u)
+    rr = 0.0
+    face = 0.0
+    jj = 0
+    if NOISE == 3:
         rad, j, sgn = _expinf_copy(params_ptr, k0u, k1u, copy, image_u, rmask, D, ROWS, BOOST, MAX_IT)
         rr = rad[:, None]
         face = rr * sgn[:, None]
         jj = j[:, None]
-        eps0 = tl.where(e0[None, :] == jj, face, rr * _s32(w0))
-        eps1 = tl.where(e0[None, :] + LANE == jj, face, rr * _s32(w1))
-        eps2 = tl.where(e0[None, :] + 2 * LANE == jj, face, rr * _s32(w2))
-        eps3 = tl.where(e0[None, :] + 3 * LANE == jj, face, rr * _s32(w3))
+    eps0, eps1, eps2, eps3 = _eps4(w0, w1, w2, w3, e0, lam, rr, face, jj, NOISE)
 
-    x_base = slot.to(tl.int64) * D
-    out_row = (row0 + r).to(tl.int64)[:, None] * s0
-    e = e0[None, :]
-    _store_lane(x_ptr, out_ptr, x_base, out_row, e, rmask[:, None] & (e < D), eps0,
-                D2, D3, s1, s2, s3, CONTIG, BF16_BITS)
-    e = e + LANE
-    _store_lane(x_ptr, out_ptr, x_base, out_row, e, rmask[:, None] & (e < D), eps1,
-                D2, D3, s1, s2, s3, CONTIG, BF16_BITS)
-    e = e + LANE
-    _store_lane(x_ptr, out_ptr, x_base, out_row, e, rmask[:, None] & (e < D), eps2,
-                D2, D3, s1, s2, s3, CONTIG, BF16_BITS)
-    e = e + LANE
-    _store_lane(x_ptr, out_ptr, x_base, out_row, e, rmask[:, None] & (e < D), eps3,
-                D2, D3, s1, s2, s3, CONTIG, BF16_BITS)
+    x_row = x_ptr + slot.to(tl.int64) * D                         # x is read once per tile: (1, P)
+    out_rows = out_ptr + (row0 + r).to(tl.int64)[:, None] * s0
+    m2 = rmask[:, None]
+    e = e0
+    if CONTIG:
+        _finish(x_row + e, out_rows + e, m2 & (e < D), eps0, BF16_BITS)
+        e = e + LANE
+        _finish(x_row + e, out_rows + e, m2 & (e < D), eps1, BF16_BITS)
+        e = e + LANE
+        _finish(x_row + e, out_rows + e, m2 & (e < D), eps2, BF16_BITS)
+        e = e + LANE
+        _finish(x_row + e, out_rows + e, m2 & (e < D), eps3, BF16_BITS)
+    else:
+        _finish(x_row + e, out_rows + _strided_offset(e, D2, D3, s1, s2, s3), m2 & (e < D), eps0, BF16_BITS)
+        e = e + LANE
+        _finish(x_row + e, out_rows + _strided_offset(e, D2, D3, s1, s2, s3), m2 & (e < D), eps1, BF16_BITS)
+        e = e + LANE
+        _finish(x_row + e, out_rows + _strided_offset(e, D2, D3, s1, s2, s3), m2 & (e < D), eps2, BF16_BITS)
+        e = e + LANE
+        _finish(x_row + e, out_rows + _strided_offset(e, D2, D3, s1, s2, s3), m2 & (e < D), eps3, BF16_BITS)
+
+
+@triton.jit(do_not_specialize=["k0", "k1", "slot", "image", "first_copy", "row0"])
+def _perturb_cl_kernel(x_ptr, out_ptr, params_ptr, lam, k0, k1, slot, image, first_copy, row0,
+                       D, C, HW, s0,
+                       NOISE: tl.constexpr, CP: tl.constexpr, PG: tl.constexpr, BOOST: tl.constexpr,
+                       MAX_IT: tl.constexpr, BF16_BITS: tl.constexpr):
+    """Channels-last copies (element (c, hw) of a copy at hw * C + c), HW a multiple of 512.
+
+    Same noise as _perturb_kernel (logical element e = c HW + hw); a tile is one copy x all C
+    channels (padded to CP) x 4 PG consecutive pixels, so that the stores of a warp cover whole
+    runs of pixels with all their channels. Grid: (count, cdiv(HW, 4 PG)).
+    """
+    LANE: tl.constexpr = 128
+    row = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    k0u = k0.to(tl.uint32)
+    k1u = k1.to(tl.uint32)
+    copy = (tl.zeros([1], dtype=tl.int32) + first_copy + row).to(tl.uint32)
+    image_u = tl.zeros([1], dtype=tl.uint32) + image.to(tl.uint32)
+
+    c = tl.arange(0, CP)[:, None]
+    p = tl.arange(0, PG)[None, :]
+    t = p % LANE
+    hw0 = pid_e * (4 * PG) + (p // LANE) * (4 * LANE) + t          # pixel of lane 0, (1, PG)
+    e0 = c * HW + hw0                                              # element of lane 0, (CP, PG)
+    group = ((e0 // (4 * LANE)) * LANE + t).to(tl.uint32)
+    w0, w1, w2, w3 = philox4x32(group, copy[:, None], image_u[:, None],
+                                tl.zeros([1, 1], dtype=tl.uint32), k0u, k1u)
+    rr = 0.0
+    face = 0.0
+    jj = 0
+    if NOISE == 3:
+        rad, j, sgn = _expinf_copy(params_ptr, k0u, k1u, copy, image_u, tl.full([1], 1, tl.int1), D, 1,
+                                   BOOST, MAX_IT)
+        rr = rad[:, None]
+        face = rr * sgn[:, None]
+        jj = j[:, None]
+    eps0, eps1, eps2, eps3 = _eps4(w0, w1, w2, w3, e0, lam, rr, face, jj, NOISE)
+
+    x_img = x_ptr + slot.to(tl.int64) * D
+    out_row = out_ptr + (row0 + row).to(tl.int64) * s0
+    cmask = c < C
+    hw = hw0
+    _finish(x_img + c * HW + hw, out_row + hw * C + c, cmask & (hw < HW), eps0, BF16_BITS)
+    hw = hw + LANE
+    _finish(x_img + c * HW + hw, out_row + hw * C + c, cmask & (hw < HW), eps1, BF16_BITS)
+    hw = hw + LANE
+    _finish(x_img + c * HW + hw, out_row + hw * C + c, cmask & (hw < HW), eps2, BF16_BITS)
+    hw = hw + LANE
+    _finish(x_img + c * HW + hw, out_row + hw * C + c, cmask & (hw < HW), eps3, BF16_BITS)
 
 
 # ------------------------------------------------------------------------------------------
@@ -301,27 +370,43 @@ def _pow2_at_most(n: int) -> int:
     return 1 << max(0, int(n).bit_length() - 1)
 
 
-def choose_config(dim: int, count: int, device_type: str) -> dict:
+def choose_config(dim: int, count: int, device_type: str, noise: str = "gaussian") -> dict:
     """Tile sizes without autotuning (autotune does not run in the interpreter).
 
-    P Philox groups (4 P elements) per copy and ROWS copies per program. P is the power of two in
-    [128, 1024] that wastes the fewest groups on the last tile of a copy (ties: the larger), or
-    next_power_of_2(d) >= 16 when d < 128 (then lanes 1-3 are all masked); ROWS
-    brings a tile to about 4096 elements on a GPU, 32768 in the interpreter (fewer, larger numpy
-    operations), never beyond the number of copies.
+    P Philox groups (4 P elements) per copy and ROWS copies per program; P < 128 only when d < 128
+    (then lanes 1-3 are all masked). On a GPU: P = 256 or 128, whichever wastes fewer groups on a
+    copy's last tile; one copy per program and 2 warps for the transcendental samplers (Gaussian,
+    Laplace), 4 copies and 4 warps for Uniform and ExpInf (which then shares the latency of the
+    per-copy Gamma draw) -- from an H200 sweep, bench/RESULTS.md.
+    In the interpreter: P up to 1024 and ROWS up to 32768 / (4 P) (fewer, larger numpy operations).
     """
     chunks = max(1, math.ceil(dim / CHUNK))
+    choices = (2, 1) if device_type == "cuda" else (8, 4, 2, 1)     # chunks per tile
     best = None
-    for per in (8, 4, 2, 1):                      # chunks per tile
+    for per in choices:
         waste = math.ceil(chunks / per) * per - chunks
         if best is None or waste < best[0]:
             best = (waste, per)
     P = best[1] * LANE_RUN
     if dim < LANE_RUN:      # one partial lane run: the first `dim` groups of chunk 0 are enough
         P = max(16, triton.next_power_of_2(dim))
-    target = 4096 if device_type == "cuda" else 32768
-    rows = max(1, min(_pow2_at_most(max(1, target // (4 * P))), triton.next_power_of_2(max(1, count))))
-    return {"P": P, "ROWS": rows, "num_warps": 4 if 4 * P * rows <= 4096 else 8}
+    if device_type == "cuda":
+        cheap = noise in ("uniform", "expinf")
+        rows = max(1, min((4 if cheap else 1) * max(1, 2 * LANE_RUN // P), triton.next_power_of_2(max(1, count))))
+        return {"P": P, "ROWS": rows, "num_warps": 4 if cheap else 2}
+    rows = max(1, min(_pow2_at_most(max(1, 32768 // (4 * P))), triton.next_power_of_2(max(1, count))))
+    return {"P": P, "ROWS": rows, "num_warps": 4}
+
+
+def channels_last_config(channels: int, device_type: str, noise: str = "gaussian") -> dict:
+    """Tile of the channels-last kernel: all channels (padded to CP) x 4 PG pixels (H200 sweep:
+    PG = 128 and 4 warps, 256 for ExpInf)."""
+    CP = triton.next_power_of_2(channels)
+    if device_type == "cuda":
+        PG = 2 * LANE_RUN if noise == "expinf" else LANE_RUN
+    else:
+        PG = max(LANE_RUN, 8192 // CP)
+    return {"CP": CP, "PG": PG, "num_warps": 4}
 
 
 def _inner_layout(out: torch.Tensor, shape: tuple) -> tuple[bool, tuple, tuple]:
@@ -378,7 +463,9 @@ def perturb_packed(out: torch.Tensor, xs: torch.Tensor, segments: Sequence, nois
     name, lam, k = noise_spec(noise, dim)
     params, boost = _params_tensor(out.device, lam, dim, k)
     k0, k1 = split_seed(seed)
-    contig, (_, D2, D3), (s1, s2, s3) = _inner_layout(out, shape)
+    contig, (D1, D2, D3), (s1, s2, s3) = _inner_layout(out, shape)
+    # channels last (C, HW) with HW a multiple of a chunk: the transposing kernel
+    chlast = (not contig and D1 == 1 and s2 == 1 and s3 == D2 and D2 <= 16 and D3 % CHUNK == 0)
     extra = {"enable_fp_fusion": False} if out.device.type == "cuda" else {}
     # bfloat16 rounding done in integer arithmetic where the interpreter runs (its cast truncates)
     bf16_bits = out.dtype == torch.bfloat16 and interpreting()
@@ -391,7 +478,16 @@ def perturb_packed(out: torch.Tensor, xs: torch.Tensor, segments: Sequence, nois
                              f"xs ({xs.shape[0]} images) or out ({out.shape[0]} rows)")
         if not (0 <= image_index < 2 ** 32) or first_copy < 0 or first_copy + count > 2 ** 32:
             raise ValueError("image and copy indices must lie in [0, 2^32)")
-        cfg = choose_config(dim, count, out.device.type)
+        if chlast:
+            cfg = channels_last_config(D2, out.device.type, name)
+            grid = (count, triton.cdiv(D3, 4 * cfg["PG"]))
+            _perturb_cl_kernel[grid](
+                xs, target, params, lam, k0, k1, slot, image_index, first_copy, row,
+                dim, D2, D3, out.stride(0),
+                NOISE=NOISE_IDS[name], CP=cfg["CP"], PG=cfg["PG"], BOOST=boost,
+                MAX_IT=MAX_GAMMA_ITERATIONS, BF16_BITS=bf16_bits, num_warps=cfg["num_warps"], **extra)
+            continue
+        cfg = choose_config(dim, count, out.device.type, name)
         per_tile = max(1, cfg["P"] // LANE_RUN)           # chunks per tile
         grid = (triton.cdiv(count, cfg["ROWS"]), triton.cdiv(math.ceil(dim / CHUNK), per_tile))
         _perturb_kernel[grid](
