@@ -1,6 +1,9 @@
 """Fused noise + perturbation: out[row] = cast(x[slot] + eps(seed, image, copy, element)).
 
-One kernel for the four noises of DESIGN §3. The noise is generated inside the kernel in float32
+Two kernels for the four noises of DESIGN §3, with the same noise: ``_perturb_kernel`` (copies
+contiguous or of any 3-d strided layout) and ``_perturb_cl_kernel`` (channels_last copies with H*W a
+multiple of 512: a tile holds all channels of a run of pixels, so that stores stay coalesced).
+The noise is generated inside the kernel in float32
 (ExpInf's per-copy radius in float64) from Philox4x32-10 keyed as described in ``philox.py``:
 key = seed, counter = (element group, copy index, image index, stream tag). It is added to x in
 float32 and only x + eps is cast to the output dtype (float32, bfloat16 or float16, round to nearest
