@@ -138,7 +138,8 @@ def resolve_precision(precision: str, device: torch.device, macs_per_copy=None) 
 
 @torch.inference_mode()
 def count_macs(model: nn.Module, shape, device) -> int:
-    """Multiply-adds of one forward of one input of ``shape``, over Conv and Linear layers."""
+    """Multiply-adds of one forward of one input of ``shape``, over Conv and Linear layers
+    (one probe forward on a zero input, with hooks)."""
     total = 0
 
     def hook(module, inputs, output):
@@ -151,6 +152,8 @@ def count_macs(model: nn.Module, shape, device) -> int:
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    if not handles:
+        return 0  # nothing to count: spare the model a probe forward
     try:
         model(torch.zeros((1, *shape), device=device))
     finally:
