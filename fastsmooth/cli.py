@@ -3,6 +3,12 @@
 certify and predict take Cohen et al.'s arguments and defaults (certify.py / predict.py), both in
 fastsmooth's form (`fastsmooth certify --samples 100000`, everything optional, the embedded default
 data and model) and in Cohen's positional form (`fastsmooth certify DATASET CHECKPOINT SIGMA OUTFILE`).
+
+Under torchrun (`torchrun --nproc_per_node=N -m fastsmooth certify ... --out OUT`) the images are
+shared dynamically among the processes and rank 0 merges their rows into OUT (fastsmooth/distributed.py).
+`--resume` continues an interrupted OUT (single or many processes). Bad input gets one line on
+standard error (`fastsmooth certify: error: ...`) and exit status 2, and no output file is created
+before the model and the data have loaded and the model has accepted an input.
 """
 
 from __future__ import annotations
@@ -10,17 +16,38 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import math
 import os
+import re
 import sys
 import time
 
 import torch
+from torch import nn
+
+from .distributed import PeerFailed
 
 LOCAL_ERRORS = (ValueError, TypeError, OSError, KeyError)
 
 
 class CliError(Exception):
     """Bad input from the command line: one line on standard error, exit status 2."""
+
+
+class ModelError(RuntimeError):
+    """The base classifier's forward failed (a RuntimeError, so CUDA-graph capture falls back on it)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (`fastsmooth certify: error: ...`, exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _add_sampling_arguments(p: argparse.ArgumentParser, certify: bool) -> None:
@@ -32,7 +59,9 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, certify: bool) -> None:
     p.add_argument("--data-root", default=None, help="folder holding the data set's files")
     p.add_argument("--split", default="test", choices=["train", "test"], help="data split (default test)")
     p.add_argument("--model", default=None, help="checkpoint {'arch','state_dict'} (default: the embedded "
-                   "model, trained on first use with the noise being certified, then cached)")
+                   "model, trained on first use with the noise being certified, then cached), or "
+                   "MODULE:FACTORY, a Python function of yours that returns the model (an nn.Module on "
+                   "[0, 1] inputs; MODULE is imported from the current directory or PYTHONPATH)")
     p.add_argument("--noise", default=None, help="gaussian | laplace | uniform | expinf (default: the "
                    "checkpoint's, else gaussian)")
     scale = p.add_mutually_exclusive_group()
@@ -47,19 +76,23 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, certify: bool) -> None:
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
     p.add_argument("--batch", type=int, default=1000, help="copies per forward batch (default 1000)")
     p.add_argument("--skip", type=int, default=1, help="certify every skip-th image (default 1)")
-    p.add_argument("--max", type=int, default=-1, help="stop at this image index (default -1: all)")
-    p.add_argument("--out", default=None, help="output TSV (default: standard output)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted --out file")
+    p.add_argument("--max", "--max-index", dest="max", type=int, default=-1,
+                   help="stop at this image index (default -1: all); under torchrun write --max-index "
+                   "(torchrun's own parser reads --max as an abbreviation of its --max-restarts)")
+    p.add_argument("--out", default=None, help="output TSV (default: standard output; required under torchrun)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted --out file (and its "
+                   "OUT.rankK.part files)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu; "
+                   "under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastsmooth", description="Fast, sound randomized-smoothing certification.")
+    parser = _Parser(prog="fastsmooth", description="Fast, sound randomized-smoothing certification.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_sampling_arguments(sub.add_parser("certify", help="certify images (Cohen's CERTIFY)"), certify=True)
@@ -76,12 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_positive_finite(flag: str, value) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise CliError(f"{flag} must be a finite number > 0, got {value}")
+
+
 def _resolve(args: argparse.Namespace) -> None:
     """Fold Cohen's positional form into the named options; check what argparse cannot."""
+    from .noises import NOISES
+
     args.cohen = args.dataset_pos is not None
     if args.cohen:
         if args.sigma_pos is None:
             raise CliError("Cohen's positional form is DATASET CHECKPOINT SIGMA [OUTFILE]")
+        if args.sigma is not None or args.scale is not None:
+            raise CliError("Cohen's positional form gives SIGMA: drop --sigma / --scale")
+        if args.out_pos is not None and args.out is not None:
+            raise CliError("give the output file once: OUTFILE or --out")
         args.dataset, args.model, args.sigma = args.dataset_pos, args.model_pos, args.sigma_pos
         args.out = args.out_pos if args.out_pos is not None else args.out
     for name in ("n", "batch", "skip") + (("n0",) if hasattr(args, "n0") else ()):
@@ -90,29 +134,137 @@ def _resolve(args: argparse.Namespace) -> None:
             raise CliError(f"{flag} must be > 0, got {getattr(args, name)}")
     if not 0.0 < args.alpha < 1.0:
         raise CliError(f"--alpha must lie in (0, 1), got {args.alpha}")
+    if args.noise is not None and args.noise.lower() not in NOISES:
+        raise CliError(f"unknown noise {args.noise!r}; expected one of {', '.join(NOISES)}")
+    if args.sigma is not None and args.scale is not None:
+        raise CliError("give one of --sigma or --scale, not both")
+    _check_positive_finite("--sigma" if not args.cohen else "SIGMA", args.sigma)
+    _check_positive_finite("--scale", args.scale)
+    _check_positive_finite("--k", args.k)
     if args.resume and args.force:
         raise CliError("--resume and --force exclude each other")
     if args.resume and args.out is None:
         raise CliError("--resume needs --out")
 
 
-def _setup(args):
+def _device(args, ctx) -> torch.device:
+    """The torch device; under torchrun a bare "cuda" is cuda:LOCAL_RANK."""
+    spec = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as exc:
+        raise CliError(f"--device {spec!r} is not a torch device ({_first_line(exc)})") from None
+    if ctx is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", ctx.local_rank)
+    try:
+        torch.empty(1, device=device)
+    except Exception as exc:  # "Torch not compiled with CUDA enabled" is an AssertionError
+        raise CliError(f"--device {device} is not available here ({_first_line(exc)})") from None
+    return device
+
+
+def _preflight_out(args) -> None:
+    """Refuse a bad --out before any work: missing directory, existing file without --resume/--force."""
+    from .distributed import existing_outputs
+
+    out = args.out
+    if out is None:
+        return
+    if os.path.isdir(out):
+        raise CliError(f"--out {out} is a directory")
+    directory = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(directory):
+        raise CliError(f"--out {out}: the directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise CliError(f"--out {out}: the directory {directory} is not writable")
+    if not args.resume and not args.force:
+        present = existing_outputs(out)
+        if present:
+            raise CliError(f"{present[0]} exists; pass --resume to continue it or --force to overwrite it")
+
+
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def _is_factory(spec: str) -> bool:
+    return bool(_FACTORY.match(spec)) and not os.path.exists(spec)
+
+
+def _load_factory(spec: str) -> nn.Module:
+    """`--model MODULE:FACTORY`: the user's own code, named explicitly; nothing else is ever imported
+    from or run out of a file (checkpoints load with weights_only=True)."""
+    module_name, attr = spec.split(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m`: the console script leaves the cwd out
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise CliError(f"--model {spec}: cannot import {module_name} ({type(exc).__name__}: "
+                       f"{_first_line(exc)})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise CliError(f"--model {spec}: {module_name} has no function {attr}")
+    try:
+        model = factory()
+    except Exception as exc:
+        raise CliError(f"--model {spec}: the factory failed ({type(exc).__name__}: {_first_line(exc)})") from None
+    if not isinstance(model, nn.Module):
+        raise CliError(f"--model {spec}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+class _Guarded(nn.Module):
+    """The base classifier, with a failing forward turned into one clear ModelError."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        try:
+            return self.model(x)
+        except Exception as exc:
+            raise ModelError(f"the model failed on a batch of inputs of shape {tuple(x.shape)} "
+                             f"({str(x.dtype).replace('torch.', '')}): {_first_line(exc)}") from exc
+
+
+def _probe(model: nn.Module, x: torch.Tensor, num_classes: int, dataset_name: str, device) -> None:
+    """One forward of one clean image: the model must accept the data's shape and give K logits."""
+    shape = tuple(x.shape)
+    try:
+        with torch.inference_mode():
+            logits = model(x[None].to(device))
+    except Exception as exc:
+        raise CliError(f"the model rejects inputs of shape {shape} (data set {dataset_name}): "
+                       f"{_first_line(exc)}") from None
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 1:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise CliError(f"the model maps an input of shape (1, {', '.join(map(str, shape))}) to {got}; "
+                       f"expected logits of shape (1, {num_classes})")
+    if logits.shape[1] != num_classes:
+        raise CliError(f"the model outputs {logits.shape[1]} logits but data set {dataset_name} has "
+                       f"{num_classes} classes")
+
+
+def _setup(args, device: torch.device, show_progress: bool = True):
     """(smooth, dataset, metadata) for certify/predict."""
     from . import data, embedded, models
     from .noises import make_noise
     from .smooth import Smooth
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.dataset is not None and args.dataset not in data.DATASETS:
         raise CliError(f"unknown dataset {args.dataset!r}; known: {', '.join(sorted(data.DATASETS))}")
-    ckpt_meta = {}
+    ckpt_meta, model = {}, None
     if args.model is not None:
-        # The checkpoint knows its data set (normalization, classes) unless --dataset overrides it.
-        model, ckpt_meta = models.load_checkpoint(args.model, dataset=args.dataset, device=device)
+        if _is_factory(args.model):
+            model = _load_factory(args.model)
+        else:
+            # The checkpoint knows its data set (normalization, classes) unless --dataset overrides it.
+            model, ckpt_meta = models.load_checkpoint(args.model, dataset=args.dataset, device=device)
     dataset_name = args.dataset or ckpt_meta.get("dataset") or "mnist"
     spec = dict(ckpt_meta.get("noise") or {})
-    if args.noise is not None and args.noise != spec.get("name"):
-        spec = {"name": args.noise}
+    if args.noise is not None and args.noise.lower() != spec.get("name"):
+        spec = {"name": args.noise.lower()}
     spec.setdefault("name", "gaussian")
     if args.sigma is not None or args.scale is not None:
         spec.pop("sigma", None), spec.pop("scale", None)
@@ -120,20 +272,35 @@ def _setup(args):
     if "sigma" not in spec and "scale" not in spec:
         spec["sigma"] = 0.25
     if args.k is not None:
+        if spec["name"] != "expinf":
+            raise CliError(f"--k is ExpInf's exponent: it needs --noise expinf (the noise is {spec['name']})")
         spec["k"] = args.k
     noise = make_noise(**spec)
-    if args.model is None:
+    # The data before the embedded model: a missing file is reported before minutes of training.
+    dataset = data.get_dataset(dataset_name, split=args.split, root=args.data_root)
+    if model is None:
         if dataset_name != "mnist":
             raise CliError(f"there is no embedded model for {dataset_name!r}: pass --model CHECKPOINT")
-        model = embedded.default_model(noise, device=device, progress=not args.no_progress)
-    dataset = data.get_dataset(dataset_name, split=args.split, root=args.data_root)
-    num_classes = ckpt_meta.get("num_classes") or dataset.info.num_classes
-    smooth = Smooth(model, num_classes, noise, backend=args.backend, precision=args.precision,
-                    seed=args.seed, device=device)
+        model = embedded.default_model(noise, device=device, progress=show_progress and not args.no_progress)
+    num_classes = dataset.info.num_classes or ckpt_meta.get("num_classes")
+    if ckpt_meta.get("num_classes") and ckpt_meta["num_classes"] != num_classes:
+        raise CliError(f"the checkpoint's model has {ckpt_meta['num_classes']} classes but data set "
+                       f"{dataset_name} has {num_classes}")
+    model = model.to(device).eval()
     if len(dataset):
-        smooth.sampler.prepare(dataset[0][0].shape)  # resolve precision="auto" before the metadata
+        _probe(model, dataset[0][0], num_classes, dataset_name, device)
+    try:
+        smooth = Smooth(_Guarded(model), num_classes, noise, backend=args.backend, precision=args.precision,
+                        seed=args.seed, device=device)
+        if len(dataset):
+            smooth.sampler.prepare(dataset[0][0].shape)  # resolve precision="auto" before the metadata
+    except RuntimeError as exc:  # e.g. the Triton backend without a GPU
+        raise CliError(_first_line(exc)) from None
+    model_name = "embedded"
+    if args.model is not None:
+        model_name = args.model if _is_factory(args.model) else os.path.abspath(args.model)
     meta = {"command": args.command, "dataset": dataset_name, "split": args.split,
-            "model": os.path.abspath(args.model) if args.model else "embedded", **smooth.metadata,
+            "model": model_name, **smooth.metadata,
             "alpha": args.alpha, "n": args.n, "batch": args.batch, "skip": args.skip, "max": args.max,
             "fastsmooth": _version(), "torch": torch.__version__}
     if args.command == "certify":
@@ -158,68 +325,197 @@ def _progress(total: int, disable: bool, copies_per_image: int):
     bar = tqdm(total=total, unit="img", file=sys.stderr, disable=disable, dynamic_ncols=True)
     start = time.perf_counter()
 
-    def step():
-        bar.update(1)
+    def step(done=None):
+        """One more image, or ``done`` images in all (every process's, under torchrun)."""
+        bar.update(1 if done is None else max(0, done - bar.n))
         elapsed = max(time.perf_counter() - start, 1e-9)
         bar.set_postfix_str(f"{bar.n * copies_per_image / elapsed:,.0f} copies/s", refresh=False)
 
     return bar, step
 
 
-def run_sampling(args) -> int:
-    from .results import CERTIFY_COLUMNS, PREDICT_COLUMNS, ResultWriter, format_radius, format_time
+def _results(args, smooth, items):
+    """Certificates (or predictions) for (index, x) items, in the order the items come."""
+    if args.command == "certify":
+        return smooth.certify_many(items, n0=args.n0, n=args.n, alpha=args.alpha,
+                                   batch_size=args.batch, norm=args.norm)
+    return smooth.predict_many(items, n=args.n, alpha=args.alpha, batch_size=args.batch)
 
+
+def _row(args, r, label: int) -> dict:
+    from .results import format_radius, format_time
+
+    row = {"idx": r.image_index, "label": label, "predict": r.prediction,
+           "correct": int(r.prediction == label), "time": format_time(r.seconds, args.cohen)}
+    if args.command == "certify":
+        row.update(radius=format_radius(r.radius, args.cohen), p_lower=f"{r.p_lower:.6f}",
+                   n_a=int(r.counts[r.counts0.argmax()]), n=r.n, norm=r.norm)
+    return row
+
+
+def _columns(args):
+    from .results import CERTIFY_COLUMNS, PREDICT_COLUMNS
+    return CERTIFY_COLUMNS if args.command == "certify" else PREDICT_COLUMNS
+
+
+def _items(dataset, pending, labels, claim):
+    """(index, x) for the pending images, each taken by ``claim()`` -> position in ``pending``."""
+    while (k := claim()) < len(pending):
+        index = pending[k]
+        x, label = dataset[index]
+        labels[index] = int(label)
+        yield index, x
+
+
+def run_sampling(args, ctx=None) -> int:
+    """certify / predict: one process, or one of the processes of a torchrun job (ctx)."""
     _resolve(args)
-    smooth, dataset, meta = _setup(args)
-    certify = args.command == "certify"
-    columns = CERTIFY_COLUMNS if certify else PREDICT_COLUMNS
+    if ctx is not None:
+        return _run_distributed(args, ctx)
+    from .distributed import consolidate, existing_outputs, find_parts, sort_rows
+    from .results import ResultWriter
+
+    device = _device(args, None)
+    _preflight_out(args)
+    smooth, dataset, meta = _setup(args, device)
+    columns = _columns(args)
     meta["started"] = datetime.datetime.now().isoformat(timespec="seconds")
-    with ResultWriter(args.out, columns, metadata=meta, resume=args.resume, force=args.force) as writer:
-        indices = _indices(args, len(dataset), writer.done)
-        labels = {}
+    resumed = args.resume and bool(existing_outputs(args.out))
+    # Rows of an interrupted run (OUT and the parts of a run of many processes), folded into OUT.
+    done = consolidate(args.out, columns, meta) if resumed else set()
+    pending = _indices(args, len(dataset), done)
+    writer = None
 
-        def items():
-            for i in indices:
-                x, label = dataset[i]
-                labels[i] = int(label)
-                yield i, x
+    def open_writer():
+        # Created at the first row (or at the end, header only): a run that fails before its
+        # first image leaves no file behind, and an existing one untouched.
+        if not resumed and args.out is not None:
+            for path in find_parts(args.out):  # --force: parts of an earlier run
+                os.remove(path)
+        return ResultWriter(args.out, columns, metadata=meta, resume=resumed, force=args.force)
 
-        copies = (args.n0 + args.n) if certify else args.n
-        bar, step = _progress(len(indices), args.no_progress, copies)
-        if certify:
-            results = smooth.certify_many(items(), n0=args.n0, n=args.n, alpha=args.alpha,
-                                          batch_size=args.batch, norm=args.norm)
-        else:
-            results = smooth.predict_many(items(), n=args.n, alpha=args.alpha, batch_size=args.batch)
+    counter = iter(range(len(pending) + 1))
+    labels: dict = {}
+    bar, step = _progress(len(pending), args.no_progress, (args.n0 + args.n) if args.command == "certify" else args.n)
+    try:
         with bar:
-            for r in results:
-                label = labels.pop(r.image_index)
-                row = {"idx": r.image_index, "label": label, "predict": r.prediction,
-                       "correct": int(r.prediction == label), "time": format_time(r.seconds, args.cohen)}
-                if certify:
-                    row.update(radius=format_radius(r.radius, args.cohen), p_lower=f"{r.p_lower:.6f}",
-                               n_a=int(r.counts[r.counts0.argmax()]), n=r.n, norm=r.norm)
-                writer.write(row)
+            for r in _results(args, smooth, _items(dataset, pending, labels, lambda: next(counter))):
+                writer = writer or open_writer()
+                writer.write(_row(args, r, labels.pop(r.image_index)))
                 step()
+        writer = writer or open_writer()
+    finally:
+        if writer is not None:
+            writer.close()
+    if resumed:
+        sort_rows(args.out, columns)  # rows resumed before earlier gaps were appended at the end
     return 0
+
+
+def _run_distributed(args, ctx) -> int:
+    """One process of a torchrun job: see fastsmooth/distributed.py for the protocol."""
+    from .distributed import (META_SUFFIX, consolidate, existing_outputs, merge_parts, part_path,
+                              write_metadata)
+    from .results import ResultWriter
+
+    if args.out is None:
+        raise CliError(f"a run of {ctx.world_size} processes needs --out (each writes OUT.rankK.part)")
+    device = _device(args, ctx)
+    ctx.init(device)
+    try:
+        if ctx.is_main:
+            _preflight_out(args)
+            ctx.publish("preflight", True)
+        else:
+            ctx.wait_for("preflight")
+        smooth, dataset, meta = _setup(args, device, show_progress=ctx.is_main)
+        meta["device"] = device.type  # cuda:LOCAL_RANK differs by process; a resume may use others
+        columns = _columns(args)
+        if ctx.is_main:
+            meta["started"] = datetime.datetime.now().isoformat(timespec="seconds")
+            if args.resume:
+                done = consolidate(args.out, columns, meta)
+            else:  # --force (or nothing there): start over
+                done = set()
+                for path in existing_outputs(args.out) + [args.out + META_SUFFIX]:
+                    if os.path.exists(path):
+                        os.remove(path)
+            pending = _indices(args, len(dataset), done)
+            ctx.publish("plan", {"pending": pending, "started": meta["started"]})
+        else:
+            plan = ctx.wait_for("plan")
+            pending, meta["started"] = plan["pending"], plan["started"]
+        labels: dict = {}
+        written, part = 0, None
+        copies = (args.n0 + args.n) if args.command == "certify" else args.n
+        bar, step = _progress(len(pending), args.no_progress or not ctx.is_main, copies)
+        try:
+            with bar:
+                for r in _results(args, smooth, _items(dataset, pending, labels, ctx.claim)):
+                    if part is None:
+                        # At the first row (a run that fails before any leaves nothing behind),
+                        # with the settings beside it for a later --resume (the same in every process).
+                        if not os.path.exists(args.out + META_SUFFIX):
+                            write_metadata(args.out, meta)
+                        part = ResultWriter(part_path(args.out, ctx.rank), columns, force=True)
+                    part.write(_row(args, r, labels.pop(r.image_index)))
+                    written += 1
+                    total = ctx.count_row()
+                    if ctx.is_main:
+                        step(total)
+        finally:
+            if part is not None:
+                part.close()
+        ctx.finish(written)
+        if ctx.is_main:
+            counts = ctx.wait_all_finished()
+            merge_parts(args.out, columns, counts)
+            write_metadata(args.out, meta)
+            shares = ", ".join(f"rank {r}: {c}" for r, c in sorted(counts.items()))
+            print(f"fastsmooth {args.command}: {sum(counts.values())} new rows from {ctx.world_size} "
+                  f"processes ({shares}) merged into {args.out}", file=sys.stderr)
+        return 0
+    except BaseException as exc:
+        if not isinstance(exc, PeerFailed):
+            ctx.fail(_first_line(exc) if not isinstance(exc, KeyboardInterrupt) else "interrupted")
+        raise
+    finally:
+        ctx.close()
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    sampling = args.command in ("certify", "predict")
+    ctx = None
     try:
-        if args.command in ("certify", "predict"):
-            return run_sampling(args)
+        if sampling:
+            from .distributed import Context
+
+            ctx = Context.from_env()
+            return run_sampling(args, ctx)
         return args.run(args) if hasattr(args, "run") else _module_run(args)
     except KeyboardInterrupt:
         print("fastsmooth: interrupted", file=sys.stderr)
         return 130
-    except (CliError, *LOCAL_ERRORS, _nonfinite_error()) as exc:
+    except PeerFailed as exc:  # another process failed and said why; rank 0 repeats it once
         if args.debug:
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"fastsmooth {args.command}: error: {message}", file=sys.stderr)
+        if ctx is None or ctx.is_main:
+            print(f"fastsmooth {args.command}: error: {_first_line(exc)}", file=sys.stderr)
         return 2
+    except (CliError, ModelError, *LOCAL_ERRORS, _nonfinite_error()) as exc:
+        if args.debug:
+            raise
+        where = f"rank {ctx.rank}: " if ctx is not None and not ctx.is_main else ""
+        print(f"fastsmooth {args.command}: error: {where}{_first_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if args.debug or not sampling:
+            raise
+        print(f"fastsmooth {args.command}: internal error: {type(exc).__name__}: {_first_line(exc)} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 def _module_run(args) -> int:
