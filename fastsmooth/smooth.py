@@ -16,7 +16,6 @@ selection uses copies [0, n0), its estimation [n0, n0 + n); PREDICT and probabil
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Tuple
@@ -119,8 +118,12 @@ class Smooth:
                      images_per_group: Optional[int] = None) -> Iterator[Certificate]:
         """Certify a stream of (image_index, x); yields one Certificate per image, in order.
 
-        Images are certified in groups whose copies share full batches: the selection phases of
-        a group run together, then their estimation phases, each phase read back once.
+        The selection and estimation copies of an image run in one pass of the engine, read back
+        once: the estimation votes are counted for every class, and n_A = counts[c_A] is taken
+        after c_A = argmax(counts0) is known. This is Cohen's CERTIFY exactly: the two phases use
+        disjoint copies, hence independent noise, so conditionally on c_A, n_A ~ Binomial(n, p_{c_A}).
+        Images whose whole work is smaller than a batch are grouped so that they share batches;
+        ``images_per_group`` overrides the group size.
         """
         n0, n = _check_positive_int("n0", n0), _check_positive_int("n", n)
         batch_size = _check_positive_int("batch_size", batch_size)
@@ -128,14 +131,14 @@ class Smooth:
         norm = norm or self.noise.default_norm
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
-        group_size = images_per_group or max(1, min(16, batch_size // n0))
+        group_size = images_per_group or max(1, min(16, batch_size // (n0 + n)))
         for group in _groups(items, group_size):
             start = time.perf_counter()
-            counts0 = self.sampler.run([Job(x, i, 0, n0) for i, x in group], batch_size)
-            guesses = counts0.argmax(dim=1).tolist()  # c_A per image: ties to the lowest class
-            counts = self.sampler.run([Job(x, i, n0, n) for i, x in group], batch_size)
+            jobs = [job for i, x in group for job in (Job(x, i, 0, n0), Job(x, i, n0, n))]
+            totals = self.sampler.run(jobs, batch_size)
             seconds = (time.perf_counter() - start) / len(group)
-            for (index, x), c_a, c0, c in zip(group, guesses, counts0, counts):
+            for (index, x), c0, c in zip(group, totals[0::2], totals[1::2]):
+                c_a = int(c0.argmax())  # the selection's guess: ties to the lowest class
                 p_lower = self._lower_bound(int(c[c_a]), n, alpha, x)
                 if p_lower < 0.5:
                     prediction, radius = self.ABSTAIN, 0.0
@@ -159,7 +162,7 @@ class Smooth:
                      batch_size: int = 1000, images_per_group: Optional[int] = None) -> Iterator[Prediction]:
         n, batch_size = _check_positive_int("n", n), _check_positive_int("batch_size", batch_size)
         alpha = _check_alpha(alpha)
-        group_size = images_per_group or max(1, min(16, math.ceil(batch_size / n)))
+        group_size = images_per_group or max(1, min(16, batch_size // n))
         for group in _groups(items, group_size):
             start = time.perf_counter()
             counts = self.sampler.run([Job(x, i, 0, n) for i, x in group], batch_size)
