@@ -219,7 +219,7 @@ class Sampler:
         # On CUDA the forward of a full batch is captured once in a CUDA graph over the static batch
         # buffer and replayed: one launch instead of one per layer. Falls back to eager if capture fails.
         self.cuda_graph = self.device.type == "cuda" if cuda_graph == "auto" else bool(cuda_graph)
-        self._graph = None
+        self._graphs = {}  # (buffer pointer, batch shape) -> (graph, its static logits)
 
     def _set_layout(self) -> None:
         if self._channels_last_request == "auto":
@@ -268,7 +268,7 @@ class Sampler:
     def _graphed_forward(self, batch: torch.Tensor) -> torch.Tensor:
         """The forward of a full batch through a CUDA graph captured on first use."""
         key = (batch.data_ptr(), tuple(batch.shape))
-        if self._graph is None or self._graph[0] != key:
+        if key not in self._graphs:
             try:
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
@@ -279,14 +279,15 @@ class Sampler:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     logits = self._forward(batch)
-                self._graph = (key, graph, logits)
+                self._graphs[key] = (graph, logits)
             except RuntimeError as exc:  # a model with host syncs or dynamic shapes: stay eager
                 import warnings
                 warnings.warn(f"CUDA graph capture failed, running eagerly: {exc}")
-                self.cuda_graph, self._graph = False, None
+                self.cuda_graph, self._graphs = False, {}
                 return self._forward(batch)
-        self._graph[1].replay()
-        return self._graph[2]
+        graph, logits = self._graphs[key]
+        graph.replay()
+        return logits
 
     def _batches(self, jobs: Sequence[Job], batch_size: int):
         """Yield (rows, segments) covering every job's copies in order, ``batch_size`` rows at a time."""
