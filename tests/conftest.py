@@ -6,7 +6,18 @@ variable must be set before triton is first imported, hence here, at collection 
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op thread for the whole suite: its tensors are tiny, and on a shared 2-core machine
+    a parallel ATen op can wait a whole scheduler quantum (~11 ms) for its second thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -32,16 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 MARKER = "fastsmooth-evil-ran"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a loaded 2-core machine a parallel op can wait a scheduler quantum
-    for its second thread (3x slower here); the tensors are tiny anyway."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class _Evil:
     """Pickled into a checkpoint: loading it with pickle would create the marker file."""
 
@@ -130,7 +120,7 @@ CASES = [
     ("nonfinite-logits", ["--model", "{nan}"], "NaN or inf logits"),
     ("input-shape", ["--model", "_cli_models:flat_linear_100"], "rejects inputs of shape (1, 8, 8)"),
     ("forward-fails-on-batches", ["--model", "_cli_models:one_at_a_time"],
-     "the model failed on a batch of inputs of shape (10, 1, 8, 8)"),
+     "the model failed on a batch of inputs of shape ("),
     ("factory-missing-module", ["--model", "no_such_module_xyz:make"], "cannot import no_such_module_xyz"),
     ("factory-not-a-model", ["--model", "_cli_models:not_a_model"], "not a torch.nn.Module"),
     ("out-missing-directory", ["--model", "{good}", "--out", "{root}/nothere/out.tsv"], "does not exist"),

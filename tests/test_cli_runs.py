@@ -36,16 +36,6 @@ PREDICT_ARGS = ["predict", "--dataset", "digits", "--model", "_cli_models:cnn", 
                 "--batch", "100", "--max-index", "12", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a loaded 2-core machine a parallel op can wait a scheduler quantum
-    for its second thread (3x slower here); the tensors are tiny anyway."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _env(**extra):
     path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
     return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", **extra)

@@ -18,15 +18,6 @@ from fastsmooth.train import evaluate, make_optimizer, make_scheduler, train
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small batches train fastest on one thread (and far faster on a shared, loaded CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _digits_model(seed=0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -22,16 +22,6 @@ NORMS = ("l1", "l2", "linf")
 EXPONENT = {"l1": 1, "l2": 2, "linf": math.inf}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a loaded 2-core machine every parallel ATen op can wait a whole
-    scheduler quantum (~11 ms) for its second thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def all_noises(sigma=1.0):
     return [Gaussian(sigma=sigma), Laplace(sigma=sigma), Uniform(sigma=sigma),
             ExpInf(k=1, sigma=sigma), ExpInf(k=2, sigma=sigma), ExpInf(k=0.5, sigma=sigma)]

@@ -26,16 +26,6 @@ NORMS = ("l1", "l2", "linf")
 DUAL = {"l2": 2, "l1": math.inf, "linf": 1}  # distance to {w.x + b = 0} in norm q is |w.x+b| / ||w||_dual(q)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a loaded 2-core machine every parallel ATen op can wait a whole
-    scheduler quantum (~11 ms) for its second thread; these tests use tiny tensors anyway."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def noises(sigma):
     return [Gaussian(sigma=sigma), Laplace(sigma=sigma), Uniform(sigma=sigma), ExpInf(k=1, sigma=sigma),
             ExpInf(k=2, sigma=sigma)]

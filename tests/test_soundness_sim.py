@@ -33,14 +33,6 @@ ALPHA, N0, N = 0.05, 20, 300
 SLACK = 1e-3  # level of the one-sided binomial test
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Linear(nn.Module):
     """Logits [0, w.x - b]: class 1 on the side w.x > b."""
 
