@@ -181,6 +181,21 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
+def _residual_stage(block, inplanes: int, planes: int, blocks: int, stride: int):
+    """A stage of ``blocks`` residual blocks (torchvision's / Cohen's layout and state_dict keys);
+    returns it and its output width."""
+    downsample = None
+    if stride != 1 or inplanes != planes * block.expansion:
+        downsample = nn.Sequential(
+            nn.Conv2d(inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False),
+            nn.BatchNorm2d(planes * block.expansion),
+        )
+    outplanes = planes * block.expansion
+    layers = [block(inplanes, planes, stride, downsample)]
+    layers += [block(outplanes, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*layers), outplanes
+
+
 class CifarResNet(nn.Module):
     """ResNet for 32x32 inputs, depth = 6n + 2: conv 16 -> 3 stages of n BasicBlocks (16, 32, 64
     planes; 1x1 convolution shortcuts where the shape changes) -> global average pool -> fc.
@@ -212,16 +227,8 @@ class CifarResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes * BasicBlock.expansion:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * BasicBlock.expansion, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes * BasicBlock.expansion),
-            )
-        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * BasicBlock.expansion
-        layers += [BasicBlock(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+        layer, self.inplanes = _residual_stage(BasicBlock, self.inplanes, planes, blocks, stride)
+        return layer
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))
@@ -282,16 +289,8 @@ class ResNet50(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes * Bottleneck.expansion:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * Bottleneck.expansion, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes * Bottleneck.expansion),
-            )
-        layers = [Bottleneck(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * Bottleneck.expansion
-        layers += [Bottleneck(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+        layer, self.inplanes = _residual_stage(Bottleneck, self.inplanes, planes, blocks, stride)
+        return layer
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
