@@ -88,6 +88,8 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, certify: bool) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu; "
                    "under torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--compile", action="store_true", help="run the model through torch.compile "
+                   "(one-time cost reported; recorded with the results)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
 
 
@@ -291,7 +293,7 @@ def _setup(args, device: torch.device, show_progress: bool = True):
         _probe(model, dataset[0][0], num_classes, dataset_name, device)
     try:
         smooth = Smooth(_Guarded(model), num_classes, noise, backend=args.backend, precision=args.precision,
-                        seed=args.seed, device=device)
+                        seed=args.seed, device=device, compile=args.compile)
         if len(dataset):
             smooth.sampler.prepare(dataset[0][0].shape)  # resolve precision="auto" before the metadata
     except RuntimeError as exc:  # e.g. the Triton backend without a GPU
@@ -407,6 +409,9 @@ def run_sampling(args, ctx=None) -> int:
     finally:
         if writer is not None:
             writer.close()
+    if smooth.sampler.compile:
+        print(f"fastsmooth: torch.compile cost {smooth.sampler.compile_seconds:.1f} s (first forward of "
+              "each batch shape)", file=sys.stderr)
     if resumed:
         sort_rows(args.out, columns)  # rows resumed before earlier gaps were appended at the end
     return 0

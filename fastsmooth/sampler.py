@@ -11,6 +11,7 @@ both backends, so counts do not depend on batch size nor on which images share a
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Sequence
@@ -198,7 +199,7 @@ class Sampler:
 
     def __init__(self, model: nn.Module, num_classes: int, noise: Noise, *, backend: str = "auto",
                  precision: str = "auto", seed: int = 0, device=None, channels_last="auto",
-                 cuda_graph="auto"):
+                 cuda_graph="auto", compile: bool = False):
         if int(num_classes) != num_classes or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         if not isinstance(noise, Noise):
@@ -220,6 +221,12 @@ class Sampler:
         # buffer and replayed: one launch instead of one per layer. Falls back to eager if capture fails.
         self.cuda_graph = self.device.type == "cuda" if cuda_graph == "auto" else bool(cuda_graph)
         self._graphs = {}  # (buffer pointer, batch shape) -> (graph, its static logits)
+        # Opt-in torch.compile: the compiled forward is part of the base classifier (its numerics
+        # may differ in the last bits), so it is recorded with the results like the precision.
+        self.compile = bool(compile)
+        self._net = torch.compile(self.model) if self.compile else self.model
+        self._compiled_shapes: set = set()
+        self.compile_seconds = 0.0  # wall time of the first forward of each batch shape, compiling
 
     def _set_layout(self) -> None:
         if self._channels_last_request == "auto":
@@ -259,7 +266,15 @@ class Sampler:
         amp = self.dtype != torch.float32
         # cache_enabled=False: autocast's weight-cast cache cannot live across CUDA-graph replays.
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=amp, cache_enabled=False):
-            logits = self.model(batch)
+            if self.compile and tuple(batch.shape) not in self._compiled_shapes:
+                start = time.perf_counter()
+                logits = self._net(batch)
+                if batch.is_cuda:
+                    torch.cuda.synchronize(batch.device)
+                self.compile_seconds += time.perf_counter() - start
+                self._compiled_shapes.add(tuple(batch.shape))
+            else:
+                logits = self._net(batch)
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"the model returned logits of shape {tuple(logits.shape)}; expected "
                              f"(batch, {self.num_classes}) for num_classes={self.num_classes}")

@@ -84,18 +84,20 @@ class Smooth:
     normalization included, to ``num_classes`` logits).
 
     backend: "auto" (Triton kernels on CUDA, torch elsewhere), "torch" or "triton".
-    precision: "auto" (bf16 on CUDA and on CPUs with AMX / AVX512-BF16, else fp32), "fp32", "bf16",
-    "fp16"; noise is always drawn and added in float32, only x + eps is cast (DESIGN §5).
+    precision: "auto" (bf16 on CUDA, and on CPUs with AMX / AVX512-BF16 for models of >= 5 M
+    multiply-adds per copy; else fp32), "fp32", "bf16", "fp16"; noise is always drawn and added in
+    float32, only x + eps is cast (DESIGN §5).
+    compile: run the model through torch.compile (its one-time cost: ``sampler.compile_seconds``).
     """
 
     ABSTAIN = -1
 
     def __init__(self, model: nn.Module, num_classes: int, noise: Noise, *, backend: str = "auto",
                  precision: str = "auto", seed: int = 0, device=None, channels_last="auto",
-                 cuda_graph="auto"):
+                 cuda_graph="auto", compile: bool = False):
         self.sampler = Sampler(model, num_classes, noise, backend=backend, precision=precision,
                                seed=seed, device=device, channels_last=channels_last,
-                               cuda_graph=cuda_graph)
+                               cuda_graph=cuda_graph, compile=compile)
         self.noise = noise
         self.num_classes = self.sampler.num_classes
 
@@ -104,7 +106,7 @@ class Smooth:
         """What defines the base classifier and the sampling: to be stored beside the results."""
         s = self.sampler
         return {"noise": self.noise.spec(), "backend": s.backend.name, "precision": s.precision,
-                "channels_last": s.channels_last, "cuda_graph": s.cuda_graph, "seed": s.seed, "device": str(s.device)}
+                "channels_last": s.channels_last, "cuda_graph": s.cuda_graph, "compile": s.compile, "seed": s.seed, "device": str(s.device)}
 
     # -- CERTIFY ---------------------------------------------------------------------------
     def certify(self, x: torch.Tensor, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
