@@ -12,7 +12,9 @@ import datetime
 import json
 import math
 import os
+import re
 import sys
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "p_lower", "n_a", "n", "norm")
@@ -123,12 +125,8 @@ def _atomic_write_json(path: str, data: dict) -> None:
 # a repeated header line (files appended to by a second run); and a torn last line (a file being
 # written: the last line has no newline and does not parse). PREDICT files have no radius column.
 
-import math as _math
-import re as _re
-from dataclasses import dataclass as _dataclass, field as _field
-
 REQUIRED_COLUMNS = ("idx", "label", "predict", "correct")
-_TIMEDELTA = _re.compile(r"^(?:(-?\d+) days?, )?(\d+):(\d{1,2}):(\d{1,2}(?:\.\d*)?)$")
+_TIMEDELTA = re.compile(r"^(?:(-?\d+) days?, )?(\d+):(\d{1,2}):(\d{1,2}(?:\.\d*)?)$")
 _TRUE, _FALSE = ("1", "true", "True", "TRUE"), ("0", "false", "False", "FALSE")
 
 
@@ -136,7 +134,7 @@ class ResultsFormatError(ValueError):
     """A result file that cannot be read as rows of Cohen's / fastsmooth's TSV format."""
 
 
-@_dataclass
+@dataclass
 class ResultRow:
     """One image of a result file. predict == -1 is ABSTAIN."""
 
@@ -146,14 +144,14 @@ class ResultRow:
     correct: bool
     radius: Optional[float] = None  # None in PREDICT files (no radius column)
     time: Optional[float] = None    # seconds; None without a time column
-    extra: dict = _field(default_factory=dict)  # any further columns, as strings
+    extra: dict = field(default_factory=dict)  # any further columns, as strings
 
     @property
     def abstained(self) -> bool:
         return self.predict == -1
 
 
-@_dataclass
+@dataclass
 class Results:
     """The rows of one result file, its header and its metadata.
 
@@ -164,7 +162,7 @@ class Results:
     path: str
     columns: list
     rows: list
-    metadata: dict = _field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
 
     @property
     def has_radius(self) -> bool:
@@ -185,7 +183,7 @@ def parse_time(text: str) -> float:
         days, hours, minutes, seconds = m.groups()
         return int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + float(seconds)
     value = float(text)  # ValueError for anything else
-    if not _math.isfinite(value):
+    if not math.isfinite(value):
         raise ValueError(f"not a finite time: {text!r}")
     return value
 
@@ -210,7 +208,7 @@ def _parse_bool(text: str) -> bool:
 
 def _parse_radius(text: str) -> float:
     value = float(text)
-    if _math.isnan(value) or value < 0:
+    if math.isnan(value) or value < 0:
         raise ValueError(f"not a radius >= 0: {text!r}")
     return value
 
@@ -227,7 +225,7 @@ def _comment_metadata(line: str, metadata: dict) -> None:
         if isinstance(data, dict):
             metadata.update(data)
         return
-    m = _re.match(r"^([A-Za-z_][\w.\-]*)\s*[:=]\s*(.*)$", body)
+    m = re.match(r"^([A-Za-z_][\w.\-]*)\s*[:=]\s*(.*)$", body)
     if m:
         key, value = m.group(1), m.group(2).strip()
         try:
