@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import (CHUNK, LANE_RUN, MASK32, TAG_COPY, TAG_ELEMENT, TAG_GAMMA, element_words,
+from .philox import (CHUNK, LANE_RUN, TAG_COPY, TAG_ELEMENT, TAG_GAMMA, element_words,
                      philox4x32, philox4x32_reference, split_seed, to_int32)
 
 NOISE_IDS = {"gaussian": 0, "laplace": 1, "uniform": 2, "expinf": 3}

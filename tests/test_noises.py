@@ -329,7 +329,6 @@ def test_samplers_finite_at_extreme_uniforms(noise, monkeypatch):
     extremes = torch.tensor([0.0, 1.0 - 2.0 ** -24, 2.0 ** -24, 0.5, 0.5 - 2.0 ** -25], dtype=torch.float64)
 
     def rand(*size, generator=None, device=None, dtype=None, **kw):
-        shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
         out = real_rand(*size, generator=generator, device=device, dtype=dtype, **kw)
         flat = out.view(-1)
         flat.copy_(extremes.to(out.dtype).repeat(flat.numel() // len(extremes) + 1)[:flat.numel()])

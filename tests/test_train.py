@@ -1,7 +1,6 @@
 """train.py: SmoothAdv and stability losses, warmup, and `fastsmooth train` -> `fastsmooth certify`."""
 
 import json
-import math
 
 import pytest
 import torch
