@@ -125,6 +125,16 @@ class Noise:
     def _sample(self, shape, lam: float, generator, device) -> torch.Tensor:
         raise NotImplementedError
 
+    def tv_bound(self, dim: int) -> float:
+        """tau: total-variation distance of one copy drawn by ``sample`` from the ideal law (DESIGN §5).
+
+        Counted as in kernels/perturb.py: the ideal mass the sampler cannot reach because a uniform
+        feeding an unbounded transform lives on a grid (its first cell is the ideal tail); a value
+        moved within its grid cell is float rounding and is not counted. The uniforms that feed
+        unbounded transforms are float64 (torch.rand: 53 bits), so tau is of the order d 2^-53.
+        """
+        return 0.0
+
     # -- certificates -----------------------------------------------------------------------
     def _direct_radii(self, p_lower: float, lam: float, dim: int) -> dict:
         """{norm: radius} for the norms this noise certifies directly (p_lower > 1/2)."""
@@ -159,7 +169,19 @@ class Gaussian(Noise):
         return 1.0
 
     def _sample(self, shape, lam, generator, device):
-        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * lam
+        # Box-Muller with a float64 radius uniform: float32 torch.randn builds its radius from
+        # 24-bit uniforms, which cuts |z| at 5.77 (tau = d/2 * 2^-24, 4.5e-3 per ImageNet copy);
+        # here |z| reaches sqrt(2 * 53 log 2) = 8.57. The angle is bounded, float32 is enough.
+        count = math.prod(shape)
+        pairs = (count + 1) // 2
+        u = torch.rand(pairs, generator=generator, device=device, dtype=torch.float64)
+        radius = torch.sqrt(-2.0 * torch.log1p(-u)).to(torch.float32) * lam  # u in [0, 1): finite
+        angle = torch.rand(pairs, generator=generator, device=device, dtype=torch.float32) * (2 * math.pi)
+        return torch.cat((radius * torch.cos(angle), radius * torch.sin(angle)))[:count].view(shape)
+
+    def tv_bound(self, dim):
+        # The first 2^-53 cell of each pair's radius uniform: its ideal image is the tail |z| > 8.57.
+        return (dim + 1) // 2 * 2.0 ** -53
 
     def _direct_radii(self, p, lam, dim):
         # Cohen et al. 2019, Theorem 1: R_2 = sigma * Phi^-1(p_A).
@@ -176,11 +198,16 @@ class Laplace(Noise):
         return math.sqrt(2.0)
 
     def _sample(self, shape, lam, generator, device):
-        # Exp(1) as -log(1 - u) with u in [0, 1): finite even when u = 0 (DESIGN §5), times a fair sign.
-        u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+        # Exp(1) as -log(1 - u) with u in [0, 1): finite even when u = 0 (DESIGN §5), times a fair
+        # sign. u is float64 so that the magnitude reaches 53 log 2 = 36.7 (a float32 u stops at 16.6).
+        u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
         sign = torch.randint(0, 2, shape, generator=generator, device=device, dtype=torch.int8)
-        magnitude = -torch.log1p(-u)
+        magnitude = (-torch.log1p(-u)).to(torch.float32)
         return torch.where(sign.bool(), magnitude, -magnitude) * lam
+
+    def tv_bound(self, dim):
+        # The last 2^-53 cell of every coordinate's uniform: its ideal image is the tail beyond 36.7.
+        return dim * 2.0 ** -53
 
     def _direct_radii(self, p, lam, dim):
         # Teng et al. 2020 / Yang et al. 2020 (rs4a): R_1 = -lambda log(2(1 - p_A)).
@@ -243,6 +270,12 @@ class ExpInf(Noise):
         sign = torch.randint(0, 2, (copies, 1), generator=generator, device=device).to(torch.float32) * 2 - 1
         u.scatter_(1, face, sign)
         return (u * radius[:, None]).reshape(shape)
+
+    def tv_bound(self, dim):
+        # Marsaglia-Tsang in float64: per rejection round (<= 1.06 on average for shape >= 1) one
+        # Box-Muller normal and one acceptance uniform on 2^-53 grids, and the boost uniform; the
+        # direction's uniforms are bounded and its face index is exact.
+        return 4 * 2.0 ** -53
 
     def _direct_radii(self, p, lam, dim):
         k = self.k

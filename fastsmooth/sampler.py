@@ -64,9 +64,9 @@ def mix_seed(*words: int) -> int:
 class TorchBackend:
     """Reference engine backend in plain torch; runs on any device.
 
-    Noise comes from ``noise.sample`` (the exact sampler, so its total-variation distance tau from
-    the ideal law is 0) in chunks of ``CHUNK`` copies, each chunk drawn from a generator seeded by
-    (seed, image, chunk index): copy c of image i is a pure function of (seed, i, c).
+    Noise comes from ``noise.sample`` (the reference sampler; its tau is ``noise.tv_bound``) in
+    chunks of ``CHUNK`` copies, each chunk drawn from a generator seeded by (seed, image, chunk
+    index): copy c of image i is a pure function of (seed, i, c).
     """
 
     name = "torch"
@@ -76,7 +76,7 @@ class TorchBackend:
         self._cached = (None, None)  # the last chunk drawn: a batch edge usually splits one
 
     def tv_bound(self, noise: Noise, dim: int) -> float:
-        return 0.0
+        return noise.tv_bound(dim)
 
     def _chunk(self, noise, seed, image_index, chunk, shape, device) -> torch.Tensor:
         key = (noise, seed, image_index, chunk, shape, str(device))

@@ -425,3 +425,21 @@ def test_uniform_linf_radius_sound_on_diagonal():
         r = noise.radius(p, "linf", 2)
         assert 0 < r <= s / 2
         assert noise.radius(p, "l2", 2) <= s / math.sqrt(2)
+
+
+@pytest.mark.parametrize("noise, tail", [(Gaussian(scale=1.0), math.sqrt(2 * 53 * math.log(2))),
+                                         (Laplace(scale=1.0), 53 * math.log(2))])
+def test_reference_samplers_reach_float64_tails(monkeypatch, noise, tail):
+    """The unbounded transforms read 53-bit uniforms: the largest uniform below 1 maps to the float64
+    tail (|z| = 8.57, |l| = 36.7), not float32's 5.77 / 16.6; so tau is d 2^-53, not d 2^-24."""
+    real_rand = torch.rand
+
+    def rand(*size, dtype=None, **kw):
+        out = real_rand(*size, dtype=dtype, **kw)
+        return out.fill_(1.0 - 2.0 ** -53) if dtype == torch.float64 else out.fill_(0.0)
+
+    monkeypatch.setattr(torch, "rand", rand)
+    eps = noise.sample((2, 6))
+    assert torch.isfinite(eps).all()
+    assert eps.abs().max().item() == pytest.approx(tail, rel=1e-6)
+    assert 0 < noise.tv_bound(3072) <= 3072 * 2.0 ** -53

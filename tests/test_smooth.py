@@ -169,8 +169,10 @@ def test_certificate_follows_cohen_certify(noise):
         assert (cert.n, cert.n0, cert.alpha, cert.image_index) == (1500, 64, 0.01, i)
         assert cert.norm == noise.default_norm
         c_a = int(cert.counts0.argmax())
-        # the bound uses the estimation votes only (tau = 0 for the exact torch sampler)
-        assert cert.p_lower == clopper_pearson_lower(int(cert.counts[c_a]), 1500, 0.01)
+        # the bound uses the estimation votes only, less the sampler's tau (DESIGN §5)
+        tau = noise.tv_bound(48)
+        assert 0 <= tau < 1e-12
+        assert cert.p_lower == clopper_pearson_lower(int(cert.counts[c_a]), 1500, 0.01) - tau
         if cert.p_lower < 0.5:
             assert cert.prediction == Smooth.ABSTAIN and cert.radius == 0.0
         else:
