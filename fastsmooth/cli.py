@@ -345,12 +345,12 @@ def _results(args, smooth, items):
 
 
 def _row(args, r, label: int) -> dict:
-    from .results import format_radius, format_time
+    from .results import format_probability, format_radius, format_time
 
     row = {"idx": r.image_index, "label": label, "predict": r.prediction,
            "correct": int(r.prediction == label), "time": format_time(r.seconds, args.cohen)}
     if args.command == "certify":
-        row.update(radius=format_radius(r.radius, args.cohen), p_lower=f"{r.p_lower:.6f}",
+        row.update(radius=format_radius(r.radius, args.cohen), p_lower=format_probability(r.p_lower),
                    n_a=int(r.counts[r.counts0.argmax()]), n=r.n, norm=r.norm)
     return row
 

@@ -103,11 +103,21 @@ def format_time(seconds: float, cohen: bool = False) -> str:
 
 
 def format_radius(radius: float, cohen: bool = False) -> str:
-    """Cohen's scripts print the radius with "{:.3}" (kept for their files); fastsmooth writes six
-    decimals rounded down, so the printed radius never exceeds the certified one."""
+    """The radius rounded down, so the printed radius never exceeds the certified one: to three
+    significant digits in Cohen's "{:.3}" form, else to six decimals."""
+    if math.isinf(radius):
+        return "inf"
     if cohen:
-        return f"{radius:.3}"
-    return "inf" if math.isinf(radius) else f"{math.floor(radius * 1e6) / 1e6:.6f}"
+        if radius <= 0:
+            return f"{0.0:.3}"
+        step = 10.0 ** (math.floor(math.log10(radius)) - 2)
+        return f"{math.floor(radius / step) * step:.3}"
+    return f"{math.floor(radius * 1e6) / 1e6:.6f}"
+
+
+def format_probability(p: float) -> str:
+    """A lower bound printed with six decimals, rounded down."""
+    return f"{math.floor(p * 1e6) / 1e6:.6f}"
 
 
 def _atomic_write_json(path: str, data: dict) -> None:

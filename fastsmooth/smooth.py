@@ -100,6 +100,18 @@ class Smooth:
                                cuda_graph=cuda_graph, compile=compile)
         self.noise = noise
         self.num_classes = self.sampler.num_classes
+        self._calls = 0
+
+    # Indices taken by calls without an image_index: above any data-set index, below the
+    # kernels' 2^32 limit, one per call and per instance.
+    AUTO_INDEX_BASE = 2 ** 31
+
+    def _index(self, image_index: Optional[int]) -> int:
+        if image_index is not None:
+            return int(image_index)
+        index = self.AUTO_INDEX_BASE + self._calls
+        self._calls += 1
+        return index
 
     @property
     def metadata(self) -> dict:
@@ -110,9 +122,15 @@ class Smooth:
 
     # -- CERTIFY ---------------------------------------------------------------------------
     def certify(self, x: torch.Tensor, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
-                batch_size: int = 1000, norm: Optional[str] = None, image_index: int = 0) -> Certificate:
-        """Certify one image x (CHW, in the model's input space)."""
-        return next(self.certify_many([(image_index, x)], n0=n0, n=n, alpha=alpha,
+                batch_size: int = 1000, norm: Optional[str] = None,
+                image_index: Optional[int] = None) -> Certificate:
+        """Certify one image x (CHW, in the model's input space).
+
+        image_index keys the noise; None (the default) takes a fresh index per call, so repeated
+        calls draw independent noise and their failures are independent. Pass the data-set index
+        to reproduce a row of ``certify_many`` or of the CLI.
+        """
+        return next(self.certify_many([(self._index(image_index), x)], n0=n0, n=n, alpha=alpha,
                                       batch_size=batch_size, norm=norm))
 
     def certify_many(self, items: Iterable[Tuple[int, torch.Tensor]], n0: int = 100, n: int = 100_000,
@@ -142,7 +160,7 @@ class Smooth:
             for (index, x), c0, c in zip(group, totals[0::2], totals[1::2]):
                 c_a = int(c0.argmax())  # the selection's guess: ties to the lowest class
                 p_lower = self._lower_bound(int(c[c_a]), n, alpha, x)
-                if p_lower < 0.5:
+                if p_lower <= 0.5:  # DESIGN §4: certify only when p_lower > 1/2
                     prediction, radius = self.ABSTAIN, 0.0
                 else:
                     prediction, radius = c_a, self.noise.radius(p_lower, norm, x.numel())
@@ -156,9 +174,9 @@ class Smooth:
 
     # -- PREDICT ---------------------------------------------------------------------------
     def predict(self, x: torch.Tensor, n: int = 100_000, alpha: float = 0.001, batch_size: int = 1000,
-                image_index: int = 0) -> int:
-        """Cohen's PREDICT for one image: the class, or -1 (ABSTAIN)."""
-        return next(self.predict_many([(image_index, x)], n=n, alpha=alpha, batch_size=batch_size)).prediction
+                image_index: Optional[int] = None) -> int:
+        """Cohen's PREDICT for one image: the class, or -1 (ABSTAIN). image_index as in certify."""
+        return next(self.predict_many([(self._index(image_index), x)], n=n, alpha=alpha, batch_size=batch_size)).prediction
 
     def predict_many(self, items: Iterable[Tuple[int, torch.Tensor]], n: int = 100_000, alpha: float = 0.001,
                      batch_size: int = 1000, images_per_group: Optional[int] = None) -> Iterator[Prediction]:
@@ -174,9 +192,9 @@ class Smooth:
 
     # -- estimates -------------------------------------------------------------------------
     def probabilities(self, x: torch.Tensor, n: int, batch_size: int = 1000, soft: bool = False,
-                      image_index: int = 0) -> torch.Tensor:
+                      image_index: Optional[int] = None) -> torch.Tensor:
         """Monte-Carlo estimate over n copies: vote frequencies of the hard smoothed classifier g, or
         with soft=True the mean softmax of the soft smoothed classifier G. An estimate, no bound."""
         n, batch_size = _check_positive_int("n", n), _check_positive_int("batch_size", batch_size)
-        totals = self.sampler.run([Job(x, image_index, 0, n)], batch_size, soft=soft)[0]
+        totals = self.sampler.run([Job(x, self._index(image_index), 0, n)], batch_size, soft=soft)[0]
         return totals.double() / n

@@ -201,3 +201,13 @@ def test_format_error_is_a_value_error(tmp_path):
     path.write_text("idx\tlabel\n")
     with pytest.raises(ResultsFormatError, match="lacks the column"):
         read_results(str(path))
+
+
+def test_printed_radius_and_bound_never_exceed_the_certified_values():
+    from fastsmooth.results import format_probability, format_radius
+
+    for value in (0.2536, 0.25, 1.0, 3.8114, 1.23456e-4, 12.345, 0.999999, 2.0 / 3.0):
+        assert float(format_radius(value, cohen=True)) <= value
+        assert float(format_radius(value)) <= value
+        assert float(format_probability(value / 4)) <= value / 4
+    assert format_radius(0.2536, cohen=True) == "0.253" and format_radius(0.0, cohen=True) == "0.0"

@@ -360,14 +360,14 @@ def test_probabilities_soft_and_hard():
     rec = Recorder(mlp(18, k, seed=3, gain=2.0))
     smooth = Smooth(rec, k, Laplace(sigma=0.5), precision="fp32", seed=5)
     x = images(1, shape, seed=9)[0]
-    soft = smooth.probabilities(x, n=600, batch_size=250, soft=True)
+    soft = smooth.probabilities(x, n=600, batch_size=250, soft=True, image_index=0)
     inputs = rec.inputs()
     assert soft.shape == (k,) and soft.sum().item() == pytest.approx(1.0, abs=1e-6)
     assert (soft >= 0).all() and (soft <= 1).all()
     with torch.no_grad():
         expected = torch.softmax(rec.model(inputs).double(), dim=1).mean(dim=0)
     assert torch.allclose(soft, expected, atol=1e-6)
-    hard = smooth.probabilities(x, n=600, batch_size=250)
+    hard = smooth.probabilities(x, n=600, batch_size=250, image_index=0)
     with torch.no_grad():
         votes = torch.bincount(rec.model(inputs).argmax(dim=1), minlength=k)
     assert hard.sum().item() == pytest.approx(1.0, abs=1e-12)
@@ -571,3 +571,14 @@ def test_certify_coverage_by_simulation(noise, norm):
     assert certified > 0.8 * m
     assert violations / m <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / m)
     assert violations > 0.02 * m  # exact certificates: the bound is used, not a trivially small radius
+
+
+def test_calls_without_an_index_draw_fresh_noise():
+    """A loop of certify(x) without image_index must not reuse one noise for every image: the
+    failures of its certificates would be dependent (analyze --high-prob assumes independence)."""
+    smooth = Smooth(mlp(12, 3), 3, Gaussian(sigma=1.0), precision="fp32")
+    x = torch.zeros(3, 2, 2)
+    a, b = smooth.certify(x, n0=20, n=400), smooth.certify(x, n0=20, n=400)
+    assert a.image_index != b.image_index >= Smooth.AUTO_INDEX_BASE
+    assert not torch.equal(a.counts, b.counts)
+    assert torch.equal(smooth.certify(x, n0=20, n=400, image_index=a.image_index).counts, a.counts)
