@@ -260,6 +260,7 @@ class Sampler:
             if self.channels_last and buf.dim() == 4:
                 buf = buf.to(memory_format=torch.channels_last)
             self._buffer = buf
+            self._graphs.clear()  # graphs of the old buffer: free their memory pools
         return buf[:batch_size]
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,6 @@ selection uses copies [0, n0), its estimation [n0, n0 + n); PREDICT and probabil
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Tuple
@@ -74,8 +73,18 @@ def _check_alpha(alpha) -> float:
 
 
 def _groups(items: Iterable, size: int) -> Iterator[list]:
-    it = iter(items)
-    while group := list(itertools.islice(it, size)):
+    """Consecutive (index, x) items in groups of at most ``size`` images of one shape (the images
+    of a group share batches). Items are pulled lazily: a group is yielded as soon as it is full."""
+    group: list = []
+    for item in items:
+        if group and tuple(item[1].shape) != tuple(group[0][1].shape):
+            yield group
+            group = []
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
         yield group
 
 

@@ -582,3 +582,16 @@ def test_calls_without_an_index_draw_fresh_noise():
     assert a.image_index != b.image_index >= Smooth.AUTO_INDEX_BASE
     assert not torch.equal(a.counts, b.counts)
     assert torch.equal(smooth.certify(x, n0=20, n=400, image_index=a.image_index).counts, a.counts)
+
+
+def test_images_of_different_shapes_in_one_stream():
+    """An image folder at native size gives images of several shapes: groups never mix them."""
+    class Pool(torch.nn.Module):
+        def forward(self, z):
+            return torch.stack([z.mean(dim=(1, 2, 3)), -z.mean(dim=(1, 2, 3))], dim=1)
+
+    smooth = Smooth(Pool(), 2, Gaussian(sigma=0.5), precision="fp32")
+    items = [(0, torch.ones(3, 4, 4)), (1, torch.ones(3, 5, 4)), (2, -torch.ones(3, 5, 4))]
+    certs = list(smooth.certify_many(items, n0=10, n=50, batch_size=1000))
+    assert [c.image_index for c in certs] == [0, 1, 2]
+    assert [c.prediction for c in certs] == [0, 0, 1]
