@@ -167,7 +167,7 @@ def _device(args, ctx) -> torch.device:
 
 def _preflight_out(args) -> None:
     """Refuse a bad --out before any work: missing directory, existing file without --resume/--force."""
-    from .distributed import existing_outputs
+    from .results import existing_outputs
 
     out = args.out
     if out is None:
@@ -374,7 +374,7 @@ def run_sampling(args, ctx=None) -> int:
     _resolve(args)
     if ctx is not None:
         return _run_distributed(args, ctx)
-    from .distributed import consolidate, existing_outputs, find_parts, sort_rows
+    from .results import consolidate, existing_outputs, find_parts, sort_rows
     from .results import ResultWriter
 
     device = _device(args, None)
@@ -419,9 +419,8 @@ def run_sampling(args, ctx=None) -> int:
 
 def _run_distributed(args, ctx) -> int:
     """One process of a torchrun job: see fastsmooth/distributed.py for the protocol."""
-    from .distributed import (META_SUFFIX, consolidate, existing_outputs, merge_parts, part_path,
-                              write_metadata)
-    from .results import ResultWriter
+    from .distributed import merge_parts
+    from .results import META_SUFFIX, ResultWriter, consolidate, existing_outputs, part_path, write_metadata
 
     if args.out is None:
         raise CliError(f"a run of {ctx.world_size} processes needs --out (each writes OUT.rankK.part)")

@@ -30,137 +30,18 @@ kill between the merge and the deletion of the parts) is kept once.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import re
 import time
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Optional
 
 import torch
 
-META_SUFFIX = ".meta.json"
-_PART = re.compile(r"\.rank(\d+)\.part$")
-_UNCHECKED_META = ("started", "finished")
-
+from .results import part_path, read_rows, write_rows
 
 class PeerFailed(RuntimeError):
     """Another process of the job failed (it reported its own error)."""
 
-
-# -- output files -------------------------------------------------------------------------------
-
-def part_path(out: str, rank: int) -> str:
-    return f"{out}.rank{rank}.part"
-
-
-def find_parts(out: str) -> List[str]:
-    """The part files of OUT (any rank), by rank."""
-    found = [p for p in glob.glob(glob.escape(out) + ".rank*.part") if _PART.search(p)]
-    return sorted(found, key=lambda p: int(_PART.search(p).group(1)))
-
-
-def existing_outputs(out: str) -> List[str]:
-    """OUT and its part files, those that exist."""
-    return ([out] if os.path.exists(out) else []) + find_parts(out)
-
-
-def read_rows(path: str, columns: Iterable[str]) -> Dict[int, str]:
-    """{image index: row line} of the complete rows of a result or part file.
-
-    A torn last line (no newline) is ignored; an empty file (killed before its header) has no rows.
-    Raises ValueError for a file whose header is not ``columns`` or with a malformed complete row.
-    """
-    columns = list(columns)
-    with open(path, "rb") as f:
-        data = f.read()
-    data = data[: data.rfind(b"\n") + 1]
-    try:
-        lines = data.decode("utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise ValueError(f"cannot resume {path}: not a text file") from None
-    if not lines:
-        return {}
-    if lines[0].split("\t") != columns:
-        raise ValueError(f"cannot resume {path}: its header is not {' '.join(columns)}")
-    rows: Dict[int, str] = {}
-    for number, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        try:
-            if len(fields) != len(columns):
-                raise ValueError
-            index = int(fields[0])
-        except ValueError:
-            raise ValueError(f"cannot resume {path}: line {number} is not a result row") from None
-        rows.setdefault(index, line)
-    return rows
-
-
-def write_rows(path: str, columns: Iterable[str], rows: Dict[int, str]) -> None:
-    """Write ``rows`` (index -> line) to ``path`` in index order, atomically (temporary file + rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\t".join(columns) + "\n")
-        for index in sorted(rows):
-            f.write(rows[index] + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_metadata(out: str, metadata: dict) -> None:
-    path = out + META_SUFFIX
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(metadata, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
-
-
-def check_metadata(out: str, metadata: dict) -> None:
-    """Refuse to resume OUT when its side file records different settings."""
-    path = out + META_SUFFIX
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot resume {out}: unreadable {path} ({exc})") from None
-    if not isinstance(old, dict):
-        raise ValueError(f"cannot resume {out}: {path} is not a JSON object")
-    keys = [k for k in metadata if k not in _UNCHECKED_META and k in old and old[k] != metadata[k]]
-    if keys:
-        raise ValueError(f"cannot resume {out}: it was written with different settings "
-                         f"({', '.join(f'{k}={old[k]!r}' for k in keys)})")
-
-
-def consolidate(out: str, columns, metadata: Optional[dict]) -> set:
-    """Fold the complete rows of OUT and of its part files into OUT (index order); delete the parts.
-
-    Returns the indices done. Nothing is written when neither OUT nor a part exists.
-    """
-    present = existing_outputs(out)
-    if not present:
-        return set()
-    if metadata is not None:
-        check_metadata(out, metadata)
-    rows: Dict[int, str] = {}
-    for path in present:
-        for index, line in read_rows(path, columns).items():
-            rows.setdefault(index, line)
-    write_rows(out, columns, rows)
-    for path in present[1:] if present[0] == out else present:
-        os.remove(path)
-    return set(rows)
-
-
-def sort_rows(out: str, columns) -> None:
-    """Rewrite OUT in index order if it is not (rows appended by a resumed run)."""
-    rows = read_rows(out, columns)
-    if list(rows) != sorted(rows):
-        write_rows(out, columns, rows)
 
 
 # -- processes ------------------------------------------------------------------------------------
