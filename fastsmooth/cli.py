@@ -351,7 +351,7 @@ def _row(args, r, label: int) -> dict:
            "correct": int(r.prediction == label), "time": format_time(r.seconds, args.cohen)}
     if args.command == "certify":
         row.update(radius=format_radius(r.radius, args.cohen), p_lower=format_probability(r.p_lower),
-                   n_a=int(r.counts[r.counts0.argmax()]), n=r.n, norm=r.norm)
+                   n_a=r.n_a, n=r.n, norm=r.norm)
     return row
 
 

@@ -47,6 +47,11 @@ class Certificate:
     def abstained(self) -> bool:
         return self.prediction == Smooth.ABSTAIN
 
+    @property
+    def n_a(self) -> int:
+        """The estimation votes for c_A, the selection's guess (the count behind p_lower)."""
+        return int(self.counts[self.counts0.argmax()])
+
 
 @dataclass
 class Prediction:
@@ -184,7 +189,12 @@ class Smooth:
     # -- PREDICT ---------------------------------------------------------------------------
     def predict(self, x: torch.Tensor, n: int = 100_000, alpha: float = 0.001, batch_size: int = 1000,
                 image_index: Optional[int] = None) -> int:
-        """Cohen's PREDICT for one image: the class, or -1 (ABSTAIN). image_index as in certify."""
+        """Cohen's PREDICT for one image: the class, or -1 (ABSTAIN). image_index as in certify.
+
+        The test is on the sampler's law; it differs from the ideal noise's by at most tau per copy
+        (``sampler.tv_bound``, ~1e-12 for the torch samplers, <= d 2^-31 for the kernels), which
+        the binomial test does not take off: the guarantee is for p_A up to that tau.
+        """
         return next(self.predict_many([(self._index(image_index), x)], n=n, alpha=alpha, batch_size=batch_size)).prediction
 
     def predict_many(self, items: Iterable[Tuple[int, torch.Tensor]], n: int = 100_000, alpha: float = 0.001,
