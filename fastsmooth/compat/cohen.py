@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..noises import Gaussian, Noise, make_noise
+from ..noises import NORMS, Gaussian, Noise, make_noise
 from ..sampler import Job, model_device
 from ..smooth import Smooth as _EngineSmooth
 from ..stats import clopper_pearson_lower, predict_from_counts
@@ -82,6 +82,8 @@ class Smooth(object):
         self.base_classifier = base_classifier
         self.num_classes = num_classes
         self._noise = self._make_noise(sigma, noise)
+        if norm is not None and norm not in NORMS:  # refused before any sampling
+            raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
         self.norm = norm
         self.backend = backend
         self.precision = precision
