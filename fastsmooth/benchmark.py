@@ -101,8 +101,9 @@ def make_model(arch: str, dataset: Optional[str] = None, sigma: float = 0.25, de
     info = data.get_info(dataset)
     if info.shape is None or info.num_classes is None:
         raise ValueError(f"dataset {info.name!r} fixes no input size or class count; use a fixed-size dataset")
-    torch.manual_seed(0)  # random weights, the same every run
-    model = models.get_architecture(arch, info).eval()
+    with torch.random.fork_rng(devices=[]):  # random weights, the same every run; caller's RNG untouched
+        torch.manual_seed(0)
+        model = models.get_architecture(arch, info).eval()
     return model, int(info.num_classes), tuple(info.shape), f"{arch} ({info.name}, random weights)"
 
 
