@@ -131,7 +131,8 @@ class Noise:
         Counted as in kernels/perturb.py: the ideal mass the sampler cannot reach because a uniform
         feeding an unbounded transform lives on a grid (its first cell is the ideal tail); a value
         moved within its grid cell is float rounding and is not counted. The uniforms that feed
-        unbounded transforms are float64 (torch.rand: 53 bits), so tau is of the order d 2^-53.
+        unbounded transforms have 40 (Gaussian radius), 62 (Laplace) or 53 (ExpInf's Gamma) bits,
+        so tau is at most d/2 2^-40: 1.4e-9 for CIFAR, 6.8e-8 for ImageNet inputs.
         """
         return 0.0
 
@@ -168,20 +169,28 @@ class Gaussian(Noise):
     def _sigma_over_scale(self, dim):
         return 1.0
 
+    # Bits of each pair's 63-bit word (see random_words): the radius uniform takes the high ones.
+    RADIUS_BITS, ANGLE_BITS = 40, 23
+
     def _sample(self, shape, lam, generator, device):
-        # Box-Muller with a float64 radius uniform: float32 torch.randn builds its radius from
-        # 24-bit uniforms, which cuts |z| at 5.77 (tau = d/2 * 2^-24, 4.5e-3 per ImageNet copy);
-        # here |z| reaches sqrt(2 * 53 log 2) = 8.57. The angle is bounded, float32 is enough.
+        # Box-Muller (Box & Muller 1958): z = r (cos t, sin t), r = sqrt(-2 log w), w ~ U(0, 1],
+        # t ~ U[0, 2 pi), from one 63-bit word per pair (as many random bits as torch.randn takes).
+        # w has 40 bits, so |z| reaches sqrt(2 * 40 log 2) = 7.45; float32 randn's 24-bit radius
+        # uniform stops at 5.77 (tau = d/2 * 2^-24, 4.5e-3 per ImageNet copy).
         count = math.prod(shape)
         pairs = (count + 1) // 2
-        u = torch.rand(pairs, generator=generator, device=device, dtype=torch.float64)
-        radius = torch.sqrt(-2.0 * torch.log1p(-u)).to(torch.float32) * lam  # u in [0, 1): finite
-        angle = torch.rand(pairs, generator=generator, device=device, dtype=torch.float32) * (2 * math.pi)
-        return torch.cat((radius * torch.cos(angle), radius * torch.sin(angle)))[:count].view(shape)
+        words = random_words(pairs, generator, device)
+        w = unit_interval(words >> self.ANGLE_BITS, self.RADIUS_BITS)
+        radius = w.log_().mul_(-2.0 * lam * lam).sqrt_()
+        angle = (words & (2 ** self.ANGLE_BITS - 1)).to(torch.float32).mul_(2 * math.pi * 2.0 ** -self.ANGLE_BITS)
+        out = torch.empty(2 * pairs, device=device, dtype=torch.float32)
+        torch.cos(angle, out=out[:pairs]).mul_(radius)
+        torch.sin(angle, out=out[pairs:]).mul_(radius)
+        return out[:count].view(shape)
 
     def tv_bound(self, dim):
-        # The first 2^-53 cell of each pair's radius uniform: its ideal image is the tail |z| > 8.57.
-        return (dim + 1) // 2 * 2.0 ** -53
+        # The first 2^-40 cell of each pair's radius uniform: its ideal image is the tail |z| > 7.45.
+        return (dim + 1) // 2 * 2.0 ** -self.RADIUS_BITS
 
     def _direct_radii(self, p, lam, dim):
         # Cohen et al. 2019, Theorem 1: R_2 = sigma * Phi^-1(p_A).
@@ -197,17 +206,19 @@ class Laplace(Noise):
     def _sigma_over_scale(self, dim):
         return math.sqrt(2.0)
 
+    MAGNITUDE_BITS = 62  # of each coordinate's 63-bit word; the remaining bit is the sign
+
     def _sample(self, shape, lam, generator, device):
-        # Exp(1) as -log(1 - u) with u in [0, 1): finite even when u = 0 (DESIGN §5), times a fair
-        # sign. u is float64 so that the magnitude reaches 53 log 2 = 36.7 (a float32 u stops at 16.6).
-        u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
-        sign = torch.randint(0, 2, shape, generator=generator, device=device, dtype=torch.int8)
-        magnitude = (-torch.log1p(-u)).to(torch.float32)
-        return torch.where(sign.bool(), magnitude, -magnitude) * lam
+        # |l| ~ Exp(1) as -log w, w ~ U(0, 1] (never infinite, DESIGN §5), times a fair sign; one
+        # 63-bit word per coordinate. w has 62 bits, so |l| reaches 62 log 2 = 43.0 (float32 rand: 16.6).
+        words = random_words(math.prod(shape), generator, device)
+        magnitude = unit_interval(words >> 1, self.MAGNITUDE_BITS).log_().mul_(-lam)
+        sign = (words & 1).to(torch.float32).mul_(2.0).sub_(1.0)
+        return magnitude.mul_(sign).view(shape)
 
     def tv_bound(self, dim):
-        # The last 2^-53 cell of every coordinate's uniform: its ideal image is the tail beyond 36.7.
-        return dim * 2.0 ** -53
+        # The first 2^-62 cell of every coordinate's uniform: its ideal image is the tail beyond 43.0.
+        return dim * 2.0 ** -self.MAGNITUDE_BITS
 
     def _direct_radii(self, p, lam, dim):
         # Teng et al. 2020 / Yang et al. 2020 (rs4a): R_1 = -lambda log(2(1 - p_A)).
@@ -318,6 +329,21 @@ def sample_gamma(alpha: float, count: int, generator=None, device="cpu") -> torc
         u = torch.rand(count, generator=generator, device=device, dtype=torch.float64)
         out = out * u.pow(1.0 / alpha)
     return out
+
+
+
+def random_words(count: int, generator, device) -> torch.Tensor:
+    """``count`` independent integers uniform on [0, 2^63): torch's ``random_`` on int64 with no
+    bounds returns a 64-bit draw (two 32-bit words) modulo 2^63 (tests/test_noises.py checks the bits)."""
+    return torch.empty(count, dtype=torch.int64, device=device).random_(generator=generator)
+
+
+def unit_interval(k: torch.Tensor, bits: int) -> torch.Tensor:
+    """w = (k + 1) 2^-bits in float32 for integers k uniform on [0, 2^bits): uniform on (0, 1] up to
+    its grid, never 0, so log(w) is finite. Its smallest value 2^-bits stands for the whole first cell
+    (0, 2^-bits]: that cell's ideal image under an unbounded transform is the sampler's tau. Rounding
+    k + 1 to float32 moves w within 2^-24 of itself, a rounding of the value, not a lost tail."""
+    return (k + 1).to(torch.float32).mul_(2.0 ** -bits)
 
 
 NOISES = {cls.name: cls for cls in (Gaussian, Laplace, Uniform, ExpInf)}

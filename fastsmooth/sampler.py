@@ -95,7 +95,7 @@ class TorchBackend:
                 take = min(self.CHUNK - start, end - copy)
                 eps = self._chunk(noise, seed, seg.image_index, chunk, shape, xs.device)[start:start + take]
                 # Noise added in float32; only x + eps is cast to the model's precision (DESIGN §5).
-                out[row:row + take].copy_(eps + x)
+                torch.add(eps, x, out=out[row:row + take])
                 copy, row = copy + take, row + take
 
     def vote(self, logits, slots, counts, nonfinite) -> None:

@@ -14,6 +14,7 @@ from scipy import integrate, stats
 
 import fastsmooth
 from fastsmooth import ExpInf, Gaussian, Laplace, Uniform, make_noise
+from fastsmooth import noises
 from fastsmooth.noises import sample_gamma
 
 mpmath.mp.dps = 40
@@ -313,6 +314,19 @@ def test_product_sampler_marginal_ks_and_rms(name, shape):
         assert flat.min() >= -lam and flat.max() <= lam
 
 
+@pytest.mark.parametrize("noise, norm_law", [
+    (Gaussian(scale=1.0), lambda d: stats.chi(d)),      # ||z||_2 of d independent N(0, 1)
+    (Laplace(scale=1.0), lambda d: stats.gamma(d))],    # ||l||_1 of d independent Laplace(1)
+    ids=["gaussian-l2", "laplace-l1"])
+@pytest.mark.parametrize("d", [2, 61])
+def test_product_sampler_joint_norm_law(noise, norm_law, d):
+    """Beyond the marginals: the norm of a whole copy has the law of d independent coordinates, so
+    Box-Muller's paired coordinates (and odd d, whose last pair is cut) are independent."""
+    eps = noise.sample((20_000, d), generator=gen(7)).double()
+    norms = eps.norm(p=2 if noise.name == "gaussian" else 1, dim=1).numpy()
+    assert stats.kstest(norms, norm_law(d).cdf).pvalue > 1e-3
+
+
 @pytest.mark.parametrize("name", list(PRODUCT_LAWS))
 def test_sampler_reproducible_with_generator(name):
     noise = make_noise(name, sigma=0.5)
@@ -427,19 +441,26 @@ def test_uniform_linf_radius_sound_on_diagonal():
         assert noise.radius(p, "l2", 2) <= s / math.sqrt(2)
 
 
-@pytest.mark.parametrize("noise, tail", [(Gaussian(scale=1.0), math.sqrt(2 * 53 * math.log(2))),
-                                         (Laplace(scale=1.0), 53 * math.log(2))])
-def test_reference_samplers_reach_float64_tails(monkeypatch, noise, tail):
-    """The unbounded transforms read 53-bit uniforms: the largest uniform below 1 maps to the float64
-    tail (|z| = 8.57, |l| = 36.7), not float32's 5.77 / 16.6; so tau is d 2^-53, not d 2^-24."""
-    real_rand = torch.rand
+@pytest.mark.parametrize("noise, tail, tau", [
+    (Gaussian(scale=1.0), math.sqrt(2 * 40 * math.log(2)), 1536 * 2.0 ** -40),
+    (Laplace(scale=1.0), 62 * math.log(2), 3072 * 2.0 ** -62)])
+def test_reference_samplers_reach_their_stated_tails(monkeypatch, noise, tail, tau):
+    """The smallest word maps to the end of the sampler's reach (|z| = 7.45, |l| = 43.0, far beyond
+    float32 rand's 5.77 / 16.6), whose ideal tail mass is the stated tau; no word gives inf."""
+    for fill in (0, 2 ** 63 - 1):
+        monkeypatch.setattr(noises, "random_words",
+                            lambda count, generator, device: torch.full((count,), fill, dtype=torch.int64))
+        eps = noise.sample((2, 6))
+        assert torch.isfinite(eps).all()
+        if fill == 0:
+            assert eps.abs().max().item() == pytest.approx(tail, rel=1e-6)
+    assert noise.tv_bound(3072) == tau
 
-    def rand(*size, dtype=None, **kw):
-        out = real_rand(*size, dtype=dtype, **kw)
-        return out.fill_(1.0 - 2.0 ** -53) if dtype == torch.float64 else out.fill_(0.0)
 
-    monkeypatch.setattr(torch, "rand", rand)
-    eps = noise.sample((2, 6))
-    assert torch.isfinite(eps).all()
-    assert eps.abs().max().item() == pytest.approx(tail, rel=1e-6)
-    assert 0 < noise.tv_bound(3072) <= 3072 * 2.0 ** -53
+def test_random_words_have_63_fair_bits():
+    """random_words' law as the samplers use it: bits 0..62 each 1 with probability 1/2, bit 63 never."""
+    words = noises.random_words(200_000, torch.Generator().manual_seed(3), "cpu")
+    bits = (words[:, None] >> torch.arange(64)) & 1
+    ones = bits.sum(dim=0).double() / len(words)
+    assert ones[63] == 0
+    assert (ones[:63] - 0.5).abs().max() < 5 * 0.5 / math.sqrt(len(words))  # 5 sigma, 63 bits
