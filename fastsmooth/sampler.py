@@ -329,13 +329,19 @@ class Sampler:
             self._slots[seg.row:seg.row + seg.count].fill_(seg.slot)
         return self._slots[:rows]
 
-    @torch.inference_mode()
     def run(self, jobs: Sequence[Job], batch_size: int = 1000, soft: bool = False) -> torch.Tensor:
         """Per-job totals on the CPU: int64 vote counts (M, K), or float64 softmax sums with soft=True."""
+        return self.submit(jobs, batch_size, soft).result()
+
+    @torch.inference_mode()
+    def submit(self, jobs: Sequence[Job], batch_size: int = 1000, soft: bool = False) -> "PendingTotals":
+        """Queue the work of ``run`` and return at once where the device runs asynchronously (CUDA):
+        the totals come back through ``result()``. No step of it waits for the device: the images go
+        up from pinned memory, the counts stay on the device and come down by one asynchronous copy."""
         if int(batch_size) != batch_size or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not jobs:
-            return torch.zeros((0, self.num_classes), dtype=torch.float64 if soft else torch.int64)
+            return PendingTotals(torch.zeros((0, self.num_classes), dtype=torch.float64 if soft else torch.int64))
         shape = tuple(jobs[0].x.shape)
         self.prepare(shape)
         for job in jobs:
@@ -343,7 +349,7 @@ class Sampler:
                 raise ValueError(f"all images of one call must share a shape; got {shape} and {tuple(job.x.shape)}")
             if job.count < 0 or job.first_copy < 0:
                 raise ValueError("copy ranges must be non-negative")
-        xs = torch.stack([job.x.to(self.device, torch.float32) for job in jobs])
+        xs = self._upload([job.x for job in jobs])
         totals = torch.zeros((len(jobs), self.num_classes), device=self.device,
                              dtype=torch.float64 if soft else torch.int64)
         nonfinite = torch.zeros(1, dtype=torch.int64, device=self.device)
@@ -361,12 +367,42 @@ class Sampler:
                 totals.index_add_(0, slots, torch.nan_to_num(probs))
             else:
                 self.backend.vote(logits, slots, totals, nonfinite)
-        bad = int(nonfinite.item())  # the one host sync of the call, with the counts below
+        if self.device.type != "cuda":
+            return PendingTotals(totals.cpu(), nonfinite.cpu())
+        return PendingTotals(*(self._download(t) for t in (totals, nonfinite)), torch.cuda.Event())
+
+    def _upload(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The images stacked in float32 on the device. From the host to a GPU through pinned memory:
+        a copy from pageable memory would make the host wait for all the work queued on the device."""
+        if self.device.type == "cuda" and all(x.device.type == "cpu" for x in images):
+            return torch.stack([x.to(torch.float32) for x in images]).pin_memory().to(self.device, non_blocking=True)
+        return torch.stack([x.to(self.device, torch.float32) for x in images])
+
+    @staticmethod
+    def _download(t: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
+
+
+class PendingTotals:
+    """The totals of ``Sampler.submit``; on CUDA their copy to the host may still be in flight."""
+
+    def __init__(self, totals: torch.Tensor, nonfinite: Optional[torch.Tensor] = None,
+                 event: Optional["torch.cuda.Event"] = None):
+        self._totals, self._nonfinite, self._event = totals, nonfinite, event
+        if event is not None:
+            event.record()  # after the copies queued above
+
+    def result(self) -> torch.Tensor:
+        """Wait for the device (the one host sync of the call); the totals on the CPU."""
+        if self._event is not None:
+            self._event.synchronize()
+        bad = 0 if self._nonfinite is None else int(self._nonfinite.item())
         if bad:
             raise NonFiniteLogitsError(
                 f"the model returned NaN or inf logits for {bad} noisy copies; a non-finite output "
                 "cannot be counted as a vote (check the model, its input range and the precision)")
-        return totals.cpu()
+        return self._totals
 
 
 def input_dim(x: torch.Tensor) -> int:

@@ -15,6 +15,7 @@ selection uses copies [0, n0), its estimation [n0, n0 + n); PREDICT and probabil
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Tuple
@@ -115,6 +116,11 @@ class Smooth:
         self.noise = noise
         self.num_classes = self.sampler.num_classes
         self._calls = 0
+        # certify_many / predict_many queue the next group of images before reading this group's
+        # counts back, so that the device samples it while the host computes bounds and the caller
+        # writes results. Only where the device runs asynchronously: on a CPU it would merely hold
+        # results back by one group.
+        self.overlap = self.sampler.device.type == "cuda"
 
     # Indices taken by calls without an image_index: above any data-set index, below the
     # kernels' 2^32 limit, one per call and per instance.
@@ -166,11 +172,8 @@ class Smooth:
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
         group_size = images_per_group or max(1, min(16, batch_size // (n0 + n)))
-        for group in _groups(items, group_size):
-            start = time.perf_counter()
-            jobs = [job for i, x in group for job in (Job(x, i, 0, n0), Job(x, i, n0, n))]
-            totals = self.sampler.run(jobs, batch_size)
-            seconds = (time.perf_counter() - start) / len(group)
+        jobs = lambda group: [job for i, x in group for job in (Job(x, i, 0, n0), Job(x, i, n0, n))]
+        for group, totals, seconds in self._run_groups(items, group_size, jobs, batch_size):
             for (index, x), c0, c in zip(group, totals[0::2], totals[1::2]):
                 c_a = int(c0.argmax())  # the selection's guess: ties to the lowest class
                 p_lower = self._lower_bound(int(c[c_a]), n, alpha, x)
@@ -179,6 +182,47 @@ class Smooth:
                 else:
                     prediction, radius = c_a, self.noise.radius(p_lower, norm, x.numel())
                 yield Certificate(prediction, radius, norm, p_lower, n, n0, alpha, c, c0, index, seconds)
+
+    def _run_groups(self, items, group_size: int, jobs_of, batch_size: int):
+        """Yield (group, its totals, seconds per image) for consecutive groups of images.
+
+        With ``overlap``, group k + 1 is queued on the device before group k's totals are read back.
+        The results are the same either way: the noise of a copy depends on (seed, image, copy) only.
+        Seconds per image: from when the group was queued (or the previous group's totals were back,
+        if later) to when its totals are back.
+        """
+        pending, last_done = None, -math.inf
+        groups = _groups(items, group_size)
+        while True:
+            try:  # reading the next images (their loading may fail) and queuing their work
+                group = next(groups, None)
+                if group is not None:
+                    start = time.perf_counter()
+                    queued = (group, self.sampler.submit(jobs_of(group), batch_size), start)
+            except BaseException:
+                if pending is not None:  # the previous group's work is done: hand it out first
+                    yield self._collect(pending, last_done)[0]
+                raise
+            if group is None:
+                break
+            if pending is not None:
+                done, last_done = self._collect(pending, last_done)
+                yield done
+            pending = queued
+            if not self.overlap:
+                done, last_done = self._collect(pending, last_done)
+                pending = None
+                yield done
+        if pending is not None:
+            yield self._collect(pending, last_done)[0]
+
+    @staticmethod
+    def _collect(pending, last_done: float):
+        """((group, totals, seconds per image), when the totals were back) of a queued group."""
+        group, totals, start = pending
+        totals = totals.result()
+        done = time.perf_counter()
+        return (group, totals, (done - max(start, last_done)) / len(group)), done
 
     def _lower_bound(self, n_a: int, n: int, alpha: float, x: torch.Tensor) -> float:
         # A sampler at total-variation distance tau from the ideal noise moves p_A by at most tau
@@ -202,10 +246,8 @@ class Smooth:
         n, batch_size = _check_positive_int("n", n), _check_positive_int("batch_size", batch_size)
         alpha = _check_alpha(alpha)
         group_size = images_per_group or max(1, min(16, batch_size // n))
-        for group in _groups(items, group_size):
-            start = time.perf_counter()
-            counts = self.sampler.run([Job(x, i, 0, n) for i, x in group], batch_size)
-            seconds = (time.perf_counter() - start) / len(group)
+        jobs = lambda group: [Job(x, i, 0, n) for i, x in group]
+        for group, counts, seconds in self._run_groups(items, group_size, jobs, batch_size):
             for (index, _), c in zip(group, counts):
                 yield Prediction(predict_from_counts(c.tolist(), alpha), n, alpha, c, index, seconds)
 

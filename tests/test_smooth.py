@@ -256,7 +256,9 @@ def test_counts_independent_of_packing(noise):
     xs = images(5, shape, seed=4)
     indices = [5, 0, 12, 3, 7]
     alone = {i: smooth.certify(x, n0=40, n=300, batch_size=128, image_index=i) for i, x in zip(indices, xs)}
-    for batch_size, per_group in ((128, None), (1000, None), (100, 2), (64, 5), (1000, 1)):
+    cases = ((128, None, False), (1000, None, False), (100, 2, False), (64, 5, False), (1000, 1, False),
+             (1000, 1, True), (100, 2, True))  # overlap: the next group queued before this one is read
+    for batch_size, per_group, smooth.overlap in cases:
         packed = list(smooth.certify_many(zip(indices, xs), n0=40, n=300, batch_size=batch_size,
                                           images_per_group=per_group))
         assert [c.image_index for c in packed] == indices
@@ -264,9 +266,28 @@ def test_counts_independent_of_packing(noise):
             ref = alone[cert.image_index]
             assert torch.equal(cert.counts, ref.counts) and torch.equal(cert.counts0, ref.counts0)
             assert (cert.prediction, cert.radius, cert.p_lower) == (ref.prediction, ref.radius, ref.p_lower)
-    preds = list(smooth.predict_many(zip(indices, xs), n=300, batch_size=1000))
-    for i, (p, x) in enumerate(zip(preds, xs)):
-        assert torch.equal(p.counts, list(smooth.predict_many([(indices[i], x)], n=300, batch_size=64))[0].counts)
+    for smooth.overlap in (False, True):
+        preds = list(smooth.predict_many(zip(indices, xs), n=300, batch_size=1000, images_per_group=2))
+        for i, (p, x) in enumerate(zip(preds, xs)):
+            assert torch.equal(p.counts, list(smooth.predict_many([(indices[i], x)], n=300, batch_size=64))[0].counts)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_results_before_a_failing_image_are_handed_out(overlap):
+    """An image that fails to load ends the stream, but only after every image before it was
+    certified and handed out, also when the next group is queued ahead (overlap)."""
+    smooth = Smooth(mlp(48, 3), 3, Gaussian(sigma=0.5), precision="fp32")
+    smooth.overlap = overlap
+
+    def items():
+        yield from enumerate(images(3, (3, 4, 4)))
+        raise OSError("image 3: truncated file")
+
+    got = []
+    with pytest.raises(OSError, match="truncated"):
+        for cert in smooth.certify_many(items(), n0=10, n=50, images_per_group=1):
+            got.append(cert.image_index)
+    assert got == [0, 1, 2]
 
 
 def test_noise_depends_on_seed_and_image_index():
