@@ -13,7 +13,8 @@ round in one process:
 
 Throughput is noisy copies per second; the ratios are reference / fastsmooth (the speed-up, higher is
 better) and fastsmooth / bare (the engine's overhead over the floor, 1.0 is perfect). Each method's
-figure is from its best round (least disturbed by other processes); medians are recorded too.
+figure is from its best round (least disturbed by other processes); medians are recorded too, and the
+paired ratios: the median over rounds of the ratio of two runs made in the same round.
 
 The measurement code lives here and only here: bench/ (pytest-benchmark) imports it.
 """
@@ -275,10 +276,11 @@ class Measurement:
                 self.run(name)
 
     def rounds(self, count: int, methods: Sequence[str] = METHODS) -> None:
-        """``count`` measured rounds, the methods interleaved within each round."""
+        """``count`` measured rounds, the methods interleaved within each round, in reverse order every
+        other round (no method always runs first, or right after another)."""
         self.warmup(methods)
-        for _ in range(count):
-            for name in methods:
+        for i in range(count):
+            for name in (methods if i % 2 == 0 else list(reversed(methods))):
                 self.run(name)
 
     # Results ----------------------------------------------------------------------------------
@@ -294,17 +296,27 @@ class Measurement:
         return self.runners.workload.copies / t
 
     def ratios(self, how: str = "best") -> Dict[str, Optional[float]]:
-        pick = min if how == "best" else statistics.median
-        t = {m: pick(self.seconds[m]) if self.seconds.get(m) else None for m in METHODS}
-        return {
-            "reference_over_fastsmooth": t["reference"] / t["fastsmooth"] if t["reference"] and t["fastsmooth"] else None,
-            "fastsmooth_over_bare": t["fastsmooth"] / t["bare"] if t["fastsmooth"] and t["bare"] else None,
-        }
+        """The two ratios from each method's best or median round, or "paired": the median over
+        rounds of the ratio within a round. On a shared CPU, whose speed drifts over seconds, the
+        paired ratio compares runs made seconds apart, so the drift cancels."""
+        pairs = {"reference_over_fastsmooth": ("reference", "fastsmooth"),
+                 "fastsmooth_over_bare": ("fastsmooth", "bare")}
+        out = {}
+        for key, (a, b) in pairs.items():
+            ta, tb = self.seconds.get(a), self.seconds.get(b)
+            if not ta or not tb:
+                out[key] = None
+            elif how == "paired":
+                out[key] = statistics.median(x / y for x, y in zip(ta, tb))
+            else:
+                pick = min if how == "best" else statistics.median
+                out[key] = pick(ta) / pick(tb)
+        return out
 
     def record(self, facts: Optional[dict] = None) -> dict:
         """A json-able record: workload, engine configuration, copies/s, ratios, raw timings, facts."""
         w, r = self.runners.workload, self.runners
-        best, median = self.ratios("best"), self.ratios("median")
+        best, median, paired = self.ratios("best"), self.ratios("median"), self.ratios("paired")
         rec = {
             "model": w.name, "input_shape": list(w.shape), "num_classes": w.num_classes,
             "copies": w.copies, "images": w.images, "n0": w.n0, "n": w.n, "batch": w.batch, "sigma": w.sigma,
@@ -314,6 +326,7 @@ class Measurement:
             "copies_per_s_median": {m: self.copies_per_s(m, "median") for m in METHODS},
             **best,
             "ratios_median": median,
+            "ratios_paired": paired,
             "seconds": {m: list(v) for m, v in self.seconds.items()},
             "cpu_seconds": {m: list(v) for m, v in self.cpu_seconds.items()},
             "warmup_seconds": dict(self.warmup_seconds),
@@ -442,13 +455,14 @@ def format_table(record: dict) -> str:
                      f"{_fmt(record['copies_per_s'][m], '11,.0f')} {_fmt(record['copies_per_s_median'][m], '16,.0f')}")
     device_type = (e.get("device") or "cpu").split(":")[0]
     speed, over = record["reference_over_fastsmooth"], record["fastsmooth_over_bare"]
-    med = record["ratios_median"]
+    med, paired = record["ratios_median"], record.get("ratios_paired") or {}
     lines += [
         "",
-        f"reference / fastsmooth = {_fmt(speed, '.2f')}x (median {_fmt(med['reference_over_fastsmooth'], '.2f')}x; "
+        f"reference / fastsmooth = {_fmt(speed, '.2f')}x (median {_fmt(med['reference_over_fastsmooth'], '.2f')}x, "
+        f"paired {_fmt(paired.get('reference_over_fastsmooth'), '.2f')}x; "
         f"target >= {TARGET_SPEEDUP.get(device_type, 4.0):g}x)",
-        f"fastsmooth / bare      = {_fmt(over, '.3f')}x (median {_fmt(med['fastsmooth_over_bare'], '.3f')}x; "
-        f"target <= {TARGET_OVERHEAD:.2f}x)",
+        f"fastsmooth / bare      = {_fmt(over, '.3f')}x (median {_fmt(med['fastsmooth_over_bare'], '.3f')}x, "
+        f"paired {_fmt(paired.get('fastsmooth_over_bare'), '.3f')}x; target <= {TARGET_OVERHEAD:.2f}x)",
     ]
     return "\n".join(lines)
 

@@ -74,6 +74,31 @@ def test_measurement_keeps_warmup_apart():
         m.run("nope")
 
 
+def test_ratios_best_median_and_paired():
+    """Worked timings: the machine runs at half speed in the middle round. Best and median compare
+    rounds apart; the paired ratio compares the two runs of each round."""
+    model, k, shape, _ = benchmark.make_model("cnn", "mnist")
+    m = benchmark.Measurement(benchmark.Runners(benchmark.Workload("cnn", model, k, shape, n0=2, n=6, batch=4,
+                                                                   device="cpu")))
+    m.seconds = {"reference": [4.0, 8.0, 4.0], "bare": [1.0, 2.0, 1.1], "fastsmooth": [1.05, 2.1, 1.05]}
+    assert m.ratios("best")["fastsmooth_over_bare"] == pytest.approx(1.05)
+    assert m.ratios("median")["fastsmooth_over_bare"] == pytest.approx(1.05 / 1.1)
+    assert m.ratios("paired")["fastsmooth_over_bare"] == pytest.approx(1.05)  # median of 1.05, 1.05, 0.955
+    assert m.ratios("paired")["reference_over_fastsmooth"] == pytest.approx(4.0 / 1.05)
+    assert m.record(facts={})["ratios_paired"] == m.ratios("paired")
+
+
+def test_rounds_alternate_the_order_of_the_methods():
+    model, k, shape, _ = benchmark.make_model("cnn", "mnist")
+    m = benchmark.Measurement(benchmark.Runners(benchmark.Workload("cnn", model, k, shape, n0=2, n=6, batch=4,
+                                                                   device="cpu")))
+    order = []
+    m.run = order.append
+    m.warmup_seconds = {"bare": 0.0, "fastsmooth": 0.0}
+    m.rounds(2, methods=("bare", "fastsmooth"))
+    assert order == ["bare", "fastsmooth", "fastsmooth", "bare"]
+
+
 def test_bare_forward_runs_in_the_engines_resolved_configuration():
     model, k, shape, _ = benchmark.make_model("cifar_resnet20", "cifar10")
     r = benchmark.Runners(benchmark.Workload("r20", model, k, shape, n0=2, n=4, batch=4, device="cpu"))
