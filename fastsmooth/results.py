@@ -27,9 +27,10 @@ PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time")
 class ResultWriter:
     """Writes rows to ``path`` (standard output when None), one whole, flushed line per image.
 
-    A crash loses at most the image in progress; ``resume=True`` keeps the complete rows already
-    there (a torn last line is cut off) and ``done`` lists their indices, so the run continues
-    after them and the final file equals an uninterrupted run (all columns but time).
+    A crash loses only the images in progress (on a GPU also those queued behind them, see
+    ``Smooth.overlap``); ``resume=True`` keeps the complete rows already there (a torn last line is
+    cut off) and ``done`` lists their indices, so the run continues after them and the final file
+    equals an uninterrupted run (all columns but time).
     """
 
     def __init__(self, path: Optional[str], columns: Iterable[str], *, metadata: Optional[dict] = None,

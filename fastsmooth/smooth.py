@@ -172,7 +172,10 @@ class Smooth:
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
         group_size = images_per_group or max(1, min(16, batch_size // (n0 + n)))
-        jobs = lambda group: [job for i, x in group for job in (Job(x, i, 0, n0), Job(x, i, n0, n))]
+
+        def jobs(group):  # selection copies [0, n0) and estimation copies [n0, n0 + n) of each image
+            return [job for i, x in group for job in (Job(x, i, 0, n0), Job(x, i, n0, n))]
+
         for group, totals, seconds in self._run_groups(items, group_size, jobs, batch_size):
             for (index, x), c0, c in zip(group, totals[0::2], totals[1::2]):
                 c_a = int(c0.argmax())  # the selection's guess: ties to the lowest class
@@ -246,7 +249,10 @@ class Smooth:
         n, batch_size = _check_positive_int("n", n), _check_positive_int("batch_size", batch_size)
         alpha = _check_alpha(alpha)
         group_size = images_per_group or max(1, min(16, batch_size // n))
-        jobs = lambda group: [Job(x, i, 0, n) for i, x in group]
+
+        def jobs(group):
+            return [Job(x, i, 0, n) for i, x in group]
+
         for group, counts, seconds in self._run_groups(items, group_size, jobs, batch_size):
             for (index, _), c in zip(group, counts):
                 yield Prediction(predict_from_counts(c.tolist(), alpha), n, alpha, c, index, seconds)
