@@ -230,9 +230,9 @@ class Runners:
             return f"fp32, {_memory_format(self.reference_model)}, batch {self.workload.batch}"
         layout = "channels_last" if e.get("channels_last") else "NCHW"
         graph = ", CUDA graph" if getattr(self.smooth.sampler, "cuda_graph", False) else ""
-        if name == "bare":
-            return f"{e.get('precision')}, {layout}, batch {self.workload.batch}{graph}"
-        return f"{e.get('precision')}, {layout}, batch {self.workload.batch}{graph}, {e.get('backend')} backend"
+        chunks = f" in {e['chunk']}s" if e.get("chunk") else ""
+        base = f"{e.get('precision')}, {layout}, batch {self.workload.batch}{chunks}{graph}"
+        return base if name == "bare" else f"{base}, {e.get('backend')} backend"
 
 
 def _memory_format(model: nn.Module) -> str:
