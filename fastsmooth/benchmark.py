@@ -230,8 +230,8 @@ class Runners:
             return f"fp32, {_memory_format(self.reference_model)}, batch {self.workload.batch}"
         layout = "channels_last" if e.get("channels_last") else "NCHW"
         graph = ", CUDA graph" if getattr(self.smooth.sampler, "cuda_graph", False) else ""
-        chunks = f" in {e['chunk']}s" if e.get("chunk") else ""
-        base = f"{e.get('precision')}, {layout}, batch {self.workload.batch}{chunks}{graph}"
+        micro = f" in {e['micro_batch']}s" if e.get("micro_batch") else ""
+        base = f"{e.get('precision')}, {layout}, batch {self.workload.batch}{micro}{graph}"
         return base if name == "bare" else f"{base}, {e.get('backend')} backend"
 
 

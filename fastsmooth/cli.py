@@ -90,12 +90,12 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, certify: bool) -> None:
                    "under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--compile", action="store_true", help="run the model through torch.compile "
                    "(one-time cost reported; recorded with the results)")
-    p.add_argument("--chunk", type=_chunk, default="auto", help="copies per model call (default auto: "
-                   "on a CPU, big models in cache-sized chunks of the batch; 0: the whole batch)")
+    p.add_argument("--micro-batch", type=_micro_batch, default="auto", help="copies per model call "
+                   "(default auto: on a CPU, big models in cache-sized micro-batches; 0: the whole batch)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
 
 
-def _chunk(text: str):
+def _micro_batch(text: str):
     if text == "auto":
         return text
     if not text.isdigit():
@@ -303,7 +303,7 @@ def _setup(args, device: torch.device, show_progress: bool = True):
         _probe(model, dataset[0][0], num_classes, dataset_name, device)
     try:
         smooth = Smooth(_Guarded(model), num_classes, noise, backend=args.backend, precision=args.precision,
-                        seed=args.seed, device=device, compile=args.compile, chunk=args.chunk)
+                        seed=args.seed, device=device, compile=args.compile, micro_batch=args.micro_batch)
         if len(dataset):
             smooth.sampler.prepare(dataset[0][0].shape)  # resolve the "auto" choices before the metadata
     except RuntimeError as exc:  # e.g. the Triton backend without a GPU

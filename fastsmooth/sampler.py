@@ -207,28 +207,28 @@ def probe_model(model: nn.Module, shape, device) -> ModelProbe:
     return ModelProbe(macs, largest)
 
 
-# On a CPU, a batch of many copies of a big model runs faster as a sequence of smaller forwards whose
+# On a CPU, a batch of many copies of a big model runs faster as a sequence of micro-batches whose
 # activations stay in the caches. Measured here (2-core Xeon with AMX), per 1000 CIFAR copies, the
-# whole batch at once against chunks: ResNet-20 bf16 channels_last 263-486 ms at 1000, 194-305 ms at
+# whole batch at once against micro-batches: ResNet-20 bf16 channels_last 263-486 ms at 1000, 194-305 ms at
 # 256; ResNet-110 bf16 1819 against 1208 ms at 256; ResNet-20 fp32 1340 against 565 ms at 128. The
-# best chunk held about 8 MB of the largest activation. Small models want big batches instead (the
+# best micro-batch held about 8 MB of the largest activation. Small models want big batches instead (the
 # embedded CNN: 6.1 ms per 1000 copies at 1000, 10.5 ms at 50), so only models of at least
-# CPU_BF16_MIN_MACS multiply-adds per copy are chunked. The rule is deterministic (a resumed run
-# resolves it the same way); the chunk is recorded with the results, like the precision.
-CPU_CHUNK_ACTIVATION_BYTES = 8 << 20
-MIN_CHUNK = 16
+# CPU_BF16_MIN_MACS multiply-adds per copy are split. The rule is deterministic (a resumed run
+# resolves it the same way); the micro-batch is recorded with the results, like the precision.
+CPU_MICRO_BATCH_BYTES = 8 << 20  # of the largest activation
+MIN_MICRO_BATCH = 16
 
 
-def resolve_chunk(chunk, device: torch.device, dtype: torch.dtype, probe: Optional[ModelProbe]) -> int:
+def resolve_micro_batch(micro_batch, device: torch.device, dtype: torch.dtype, probe: Optional[ModelProbe]) -> int:
     """Copies per model call (0: the whole batch in one call); for "auto" on a CPU it needs ``probe``."""
-    if chunk != "auto":
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
-            raise ValueError(f"chunk must be 'auto' or a non-negative integer, got {chunk!r}")
-        return int(chunk)
+    if micro_batch != "auto":
+        if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 0:
+            raise ValueError(f"micro_batch must be 'auto' or a non-negative integer, got {micro_batch!r}")
+        return micro_batch
     if device.type != "cpu" or probe.macs < CPU_BF16_MIN_MACS or probe.largest_activation == 0:
         return 0
     per_copy = probe.largest_activation * torch.empty((), dtype=dtype).element_size()
-    fit = max(MIN_CHUNK, CPU_CHUNK_ACTIVATION_BYTES // per_copy)
+    fit = max(MIN_MICRO_BATCH, CPU_MICRO_BATCH_BYTES // per_copy)
     return 1 << (fit.bit_length() - 1)  # a power of two: full batches of 1000 split evenly enough
 
 
@@ -268,7 +268,7 @@ class Sampler:
 
     def __init__(self, model: nn.Module, num_classes: int, noise: Noise, *, backend: str = "auto",
                  precision: str = "auto", seed: int = 0, device=None, channels_last="auto",
-                 cuda_graph="auto", compile: bool = False, chunk="auto"):
+                 cuda_graph="auto", compile: bool = False, micro_batch="auto"):
         if int(num_classes) != num_classes or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         if not isinstance(noise, Noise):
@@ -296,9 +296,11 @@ class Sampler:
         self._net = torch.compile(self.model) if self.compile else self.model
         self._compiled_shapes: set = set()
         self.compile_seconds = 0.0  # wall time of the first forward of each batch shape, compiling
-        # Copies per model call ("auto" until prepare(): chunks on a CPU, see resolve_chunk). Which
-        # copies share a call can change a model's last bits, so this too is recorded with the results.
-        self.chunk = chunk if chunk == "auto" else resolve_chunk(chunk, self.device, torch.float32, None)
+        # Copies per model call, 0 for the whole batch ("auto" until prepare(), see
+        # resolve_micro_batch). Which copies share a call can change a model's last bits, so this
+        # too is recorded with the results.
+        self.micro_batch = (micro_batch if micro_batch == "auto"
+                            else resolve_micro_batch(micro_batch, self.device, torch.float32, None))
 
     def _set_layout(self) -> None:
         if self._channels_last_request == "auto":
@@ -310,15 +312,15 @@ class Sampler:
 
     def prepare(self, shape) -> None:
         """Resolve the "auto" choices for inputs of ``shape``, once: the precision on a CPU (by the
-        model's multiply-adds) and the copies per model call (resolve_chunk)."""
-        if self.dtype is not None and self.chunk != "auto":
+        model's multiply-adds) and the copies per model call (resolve_micro_batch)."""
+        if self.dtype is not None and self.micro_batch != "auto":
             return
         probe = probe_model(self.model, tuple(shape), self.device) if self.device.type == "cpu" else None
         if self.dtype is None:
             self.dtype = resolve_precision(self._precision_request, self.device, probe.macs)
             self._set_layout()
-        if self.chunk == "auto":
-            self.chunk = resolve_chunk("auto", self.device, self.dtype, probe)
+        if self.micro_batch == "auto":
+            self.micro_batch = resolve_micro_batch("auto", self.device, self.dtype, probe)
 
     @property
     def precision(self) -> str:
@@ -343,7 +345,7 @@ class Sampler:
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         amp = self.dtype != torch.float32
         # cache_enabled=False: autocast's weight-cast cache cannot live across CUDA-graph replays.
-        net = self._net_chunks if self.chunk and batch.shape[0] > self.chunk else self._net
+        net = self._net_micro_batches if self.micro_batch and batch.shape[0] > self.micro_batch else self._net
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=amp, cache_enabled=False):
             if self.compile and tuple(batch.shape) not in self._compiled_shapes:
                 start = time.perf_counter()
@@ -359,8 +361,8 @@ class Sampler:
                              f"(batch, {self.num_classes}) for num_classes={self.num_classes}")
         return logits
 
-    def _net_chunks(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self._net(part) for part in batch.split(self.chunk)])
+    def _net_micro_batches(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._net(part) for part in batch.split(self.micro_batch)])
 
     def _graphed_forward(self, batch: torch.Tensor) -> torch.Tensor:
         """The forward of a full batch through a CUDA graph captured on first use."""

@@ -103,18 +103,18 @@ class Smooth:
     multiply-adds per copy; else fp32), "fp32", "bf16", "fp16"; noise is always drawn and added in
     float32, only x + eps is cast (DESIGN §5).
     compile: run the model through torch.compile (its one-time cost: ``sampler.compile_seconds``).
-    chunk: copies per model call; "auto" runs big models on a CPU in chunks that keep the largest
-    activation near 8 MB (faster there than whole batches), else whole batches; 0: whole batches.
+    micro_batch: copies per model call; "auto" runs big models on a CPU in micro-batches that keep
+    the largest activation near 8 MB (faster there than whole batches), else whole batches (0).
     """
 
     ABSTAIN = -1
 
     def __init__(self, model: nn.Module, num_classes: int, noise: Noise, *, backend: str = "auto",
                  precision: str = "auto", seed: int = 0, device=None, channels_last="auto",
-                 cuda_graph="auto", compile: bool = False, chunk="auto"):
+                 cuda_graph="auto", compile: bool = False, micro_batch="auto"):
         self.sampler = Sampler(model, num_classes, noise, backend=backend, precision=precision,
                                seed=seed, device=device, channels_last=channels_last,
-                               cuda_graph=cuda_graph, compile=compile, chunk=chunk)
+                               cuda_graph=cuda_graph, compile=compile, micro_batch=micro_batch)
         self.noise = noise
         self.num_classes = self.sampler.num_classes
         self._calls = 0
@@ -140,7 +140,7 @@ class Smooth:
         """What defines the base classifier and the sampling: to be stored beside the results."""
         s = self.sampler
         return {"noise": self.noise.spec(), "backend": s.backend.name, "precision": s.precision,
-                "channels_last": s.channels_last, "cuda_graph": s.cuda_graph, "compile": s.compile, "chunk": s.chunk, "seed": s.seed,
+                "channels_last": s.channels_last, "cuda_graph": s.cuda_graph, "compile": s.compile, "micro_batch": s.micro_batch, "seed": s.seed,
                 "device": str(s.device)}
 
     # -- CERTIFY ---------------------------------------------------------------------------

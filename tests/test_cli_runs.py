@@ -101,7 +101,7 @@ def test_resume_after_kill_9(reference, tmp_path):
     assert _lines(out)[: len(killed)] == killed  # the rows written before the kill are kept as they were
     meta = json.loads(Path(f"{out}.meta.json").read_text())
     assert meta["seed"] == 7 and meta["model"] == "_cli_models:cnn"
-    assert meta["chunk"] == 0 and meta["precision"] == "fp32"  # "auto" resolved: a small model, whole batches
+    assert meta["micro_batch"] == 0 and meta["precision"] == "fp32"  # "auto" resolved: a small model, whole batches
 
 
 def test_resume_predict_from_a_torn_file(reference, tmp_path):

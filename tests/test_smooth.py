@@ -61,7 +61,7 @@ class LinearBinary(nn.Module):
 
 class Recorder(nn.Module):
     """Wraps a model and keeps every input batch it sees (as given: dtype and values). Engines
-    around it take chunk=0: resolving chunk="auto" on a CPU runs one probe forward (a zero input)."""
+    around it take micro_batch=0: resolving "auto" on a CPU runs one probe forward (a zero input)."""
 
     def __init__(self, model):
         super().__init__()
@@ -332,7 +332,7 @@ def test_certify_copy_ranges(noise):
     sees over [0, n0 + n), whatever the batch size; every copy distinct."""
     shape = (2, 3, 3)
     rec = Recorder(mlp(18, 3))
-    smooth = Smooth(rec, 3, noise, precision="fp32", seed=3, chunk=0)
+    smooth = Smooth(rec, 3, noise, precision="fp32", seed=3, micro_batch=0)
     x = images(1, shape, seed=6)[0]
     smooth.probabilities(x, n=350, batch_size=1000, image_index=4)
     reference = rec.inputs()
@@ -353,7 +353,7 @@ def test_noise_reaching_the_model_has_its_law(noise, k):
     ~ Gamma(d/k) by KS (a radius shared across copies fails this), per-coordinate RMS = sigma."""
     shape, d = (3, 4, 4), 48
     rec = Recorder(mlp(d, 2))
-    smooth = Smooth(rec, 2, noise, precision="fp32", seed=2, chunk=0)
+    smooth = Smooth(rec, 2, noise, precision="fp32", seed=2, micro_batch=0)
     x = images(2, shape, seed=7)
     smooth.probabilities(x[0], n=3000, batch_size=700, image_index=1)
     eps = (rec.inputs().double() - x[0].double()).flatten(1)
@@ -382,7 +382,7 @@ def test_half_precision_casts_only_the_perturbed_input(precision, dtype):
     seen = {}
     for p in ("fp32", precision):
         rec = Recorder(mlp(48, 4))
-        smooth = Smooth(rec, 4, ExpInf(k=1, sigma=0.25), precision=p, seed=4, chunk=0)
+        smooth = Smooth(rec, 4, ExpInf(k=1, sigma=0.25), precision=p, seed=4, micro_batch=0)
         cert = smooth.certify(x, n0=32, n=400, batch_size=150, image_index=3)
         assert int(cert.counts.sum()) == 400 and int(cert.counts0.sum()) == 32
         seen[p] = rec.inputs()
@@ -401,42 +401,42 @@ def test_bf16_and_fp32_agree_on_clear_cases():
 
 
 # --------------------------------------------------------------------------------------------
-# Forward chunks (copies per model call)
+# Micro-batches (copies per model call)
 # --------------------------------------------------------------------------------------------
-def test_chunked_forward_votes_like_whole_batches():
-    """chunk=N splits each batch into model calls of at most N copies; the votes are those of whole
+def test_micro_batches_vote_like_whole_batches():
+    """micro_batch=N splits each batch into model calls of at most N copies; the votes are those of whole
     batches (the same copies, the same noise)."""
     k, shape = 4, (2, 3, 3)
     x = images(1, shape, seed=2)[0]
     runs = {}
-    for chunk in (0, 7, 64):
+    for micro in (0, 7, 64):
         rec = Recorder(mlp(18, k, seed=1))
-        smooth = Smooth(rec, k, Gaussian(sigma=0.5), precision="fp32", seed=3, chunk=chunk)
-        runs[chunk] = smooth.certify(x, n0=40, n=500, batch_size=128, image_index=2)
-        assert max(len(b) for b in rec.seen) == (chunk or 128)
-        assert smooth.metadata["chunk"] == chunk
-    for chunk in (7, 64):
-        assert torch.equal(runs[chunk].counts, runs[0].counts) and torch.equal(runs[chunk].counts0, runs[0].counts0)
+        smooth = Smooth(rec, k, Gaussian(sigma=0.5), precision="fp32", seed=3, micro_batch=micro)
+        runs[micro] = smooth.certify(x, n0=40, n=500, batch_size=128, image_index=2)
+        assert max(len(b) for b in rec.seen) == (micro or 128)
+        assert smooth.metadata["micro_batch"] == micro
+    for micro in (7, 64):
+        assert torch.equal(runs[micro].counts, runs[0].counts) and torch.equal(runs[micro].counts0, runs[0].counts0)
 
 
-def test_auto_chunk_rule_worked_values():
-    """"auto": on a CPU, models of >= 5 M multiply-adds per copy run in power-of-two chunks holding
+def test_auto_micro_batch_rule_worked_values():
+    """"auto": on a CPU, models of >= 5 M multiply-adds per copy run in power-of-two micro-batches holding
     about 8 MB of their largest activation; small models and GPUs run whole batches."""
     from fastsmooth.models import get_architecture
-    from fastsmooth.sampler import ModelProbe, probe_model, resolve_chunk
+    from fastsmooth.sampler import ModelProbe, probe_model, resolve_micro_batch
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     probe = probe_model(get_architecture("cifar_resnet20", "cifar10").eval(), (3, 32, 32), cpu)
     assert probe.largest_activation == 16 * 32 * 32 and 40e6 < probe.macs < 42e6  # 41 M (He et al. 2016)
-    assert resolve_chunk("auto", cpu, torch.bfloat16, probe) == 256   # 8 MB / (16384 x 2 B)
-    assert resolve_chunk("auto", cpu, torch.float32, probe) == 128    # 8 MB / (16384 x 4 B)
-    assert resolve_chunk("auto", cuda, torch.bfloat16, probe) == 0
-    assert resolve_chunk("auto", cpu, torch.float32, ModelProbe(400_000, 25_088)) == 0  # small model
-    assert resolve_chunk("auto", cpu, torch.bfloat16, ModelProbe(4_000_000_000, 802_816)) == 16  # floor
-    assert resolve_chunk(100, cpu, torch.float32, None) == 100
+    assert resolve_micro_batch("auto", cpu, torch.bfloat16, probe) == 256   # 8 MB / (16384 x 2 B)
+    assert resolve_micro_batch("auto", cpu, torch.float32, probe) == 128    # 8 MB / (16384 x 4 B)
+    assert resolve_micro_batch("auto", cuda, torch.bfloat16, probe) == 0
+    assert resolve_micro_batch("auto", cpu, torch.float32, ModelProbe(400_000, 25_088)) == 0  # small model
+    assert resolve_micro_batch("auto", cpu, torch.bfloat16, ModelProbe(4_000_000_000, 802_816)) == 16  # floor
+    assert resolve_micro_batch(100, cpu, torch.float32, None) == 100
     for bad in (-1, 2.5, True, "big"):
-        with pytest.raises(ValueError, match="chunk must be"):
-            resolve_chunk(bad, cpu, torch.float32, None)
+        with pytest.raises(ValueError, match="micro_batch must be"):
+            resolve_micro_batch(bad, cpu, torch.float32, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,7 +445,7 @@ def test_auto_chunk_rule_worked_values():
 def test_probabilities_soft_and_hard():
     k, shape = 4, (2, 3, 3)
     rec = Recorder(mlp(18, k, seed=3, gain=2.0))
-    smooth = Smooth(rec, k, Laplace(sigma=0.5), precision="fp32", seed=5, chunk=0)
+    smooth = Smooth(rec, k, Laplace(sigma=0.5), precision="fp32", seed=5, micro_batch=0)
     x = images(1, shape, seed=9)[0]
     soft = smooth.probabilities(x, n=600, batch_size=250, soft=True, image_index=0)
     inputs = rec.inputs()
