@@ -11,6 +11,7 @@ both backends, so counts do not depend on batch size nor on which images share a
 from __future__ import annotations
 
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ class TorchBackend:
     def __init__(self):
         self._cached = (None, None)  # the last chunk drawn: a batch edge usually splits one
         self._pool: Optional[ThreadPoolExecutor] = None
-        self._pool_threads = 0
+        self._pool_owner = (0, 0)  # (process id, threads) the pool was made for
 
     def tv_bound(self, noise: Noise, dim: int) -> float:
         return noise.tv_bound(dim)
@@ -122,14 +123,14 @@ class TorchBackend:
                 perturb(piece)
 
     def _workers(self) -> ThreadPoolExecutor:
-        threads = torch.get_num_threads()
-        if self._pool_threads != threads:
-            if self._pool is not None:
+        owner = (os.getpid(), torch.get_num_threads())
+        if self._pool_owner != owner:  # first use, another thread count, or a forked child (no threads)
+            if self._pool is not None and self._pool_owner[0] == owner[0]:
                 self._pool.shutdown(wait=False)
             # One intra-op thread per worker (the setting is per thread): the workers share the cores.
-            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="fastsmooth-noise",
+            self._pool = ThreadPoolExecutor(owner[1], thread_name_prefix="fastsmooth-noise",
                                             initializer=torch.set_num_threads, initargs=(1,))
-            self._pool_threads = threads
+            self._pool_owner = owner
         return self._pool
 
     def vote(self, logits, slots, counts, nonfinite) -> None:

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 
 import numpy as np
 import pytest
@@ -312,6 +314,34 @@ def test_torch_backend_fills_alike_on_one_thread_or_many(noise):
         assert torch.equal(batches[0], batches[1])
         expected = xs[2] + noise.sample((64, 3, 8, 8), torch.Generator().manual_seed(mix_seed(5, 9, 0)))[:37]
         assert torch.equal(batches[1][100:137], expected.to(dtype))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_torch_backend_workers_in_a_forked_child():
+    """A child forked after the noise workers started has none of their threads: the backend makes
+    new workers there instead of queuing work that nothing would run."""
+    backend = TorchBackend()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        parent_pool = backend._workers()
+        assert parent_pool.submit(os.getpid).result(timeout=10) == os.getpid()
+        _FORKED["backend"] = backend  # the child inherits it: the pool cannot be pickled
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            child_pid, ran_in = pool.apply_async(_workers_in_child).get(timeout=60)
+    finally:
+        torch.set_num_threads(threads)
+        _FORKED.clear()
+    assert ran_in == child_pid != os.getpid()
+
+
+_FORKED: dict = {}
+
+
+def _workers_in_child():
+    # No torch op here: multi-threaded torch ops can hang in a child forked after the parent used
+    # OpenMP (seen here); the point is only that the backend's pool has live threads.
+    return os.getpid(), _FORKED["backend"]._workers().submit(os.getpid).result(timeout=10)
 
 
 def test_noise_depends_on_seed_and_image_index():
