@@ -447,11 +447,11 @@ def format_table(record: dict) -> str:
         f"engine  : backend {e.get('backend')}, precision {e.get('precision')}, channels_last "
         f"{e.get('channels_last')}, device {e.get('device')}",
         "",
-        f"{'method':<30} {'configuration':<50} {'best s':>9} {'copies/s':>11} {'median copies/s':>16}",
+        f"{'method':<30} {'configuration':<58} {'best s':>9} {'copies/s':>11} {'median copies/s':>16}",
     ]
     for m in METHODS:
         times = record["seconds"].get(m) or []
-        lines.append(f"{LABELS[m]:<30} {record['configs'][m]:<50} {_fmt(min(times) if times else None, '9.3f')} "
+        lines.append(f"{LABELS[m]:<30} {record['configs'][m]:<58} {_fmt(min(times) if times else None, '9.3f')} "
                      f"{_fmt(record['copies_per_s'][m], '11,.0f')} {_fmt(record['copies_per_s_median'][m], '16,.0f')}")
     device_type = (e.get("device") or "cpu").split(":")[0]
     speed, over = record["reference_over_fastsmooth"], record["fastsmooth_over_bare"]
