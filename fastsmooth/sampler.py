@@ -93,7 +93,14 @@ class TorchBackend:
         if cached[0] == key:
             return cached[1]
         gen = torch.Generator(device=device).manual_seed(mix_seed(seed, image_index, chunk))
-        eps = noise.sample((self.CHUNK, *shape), generator=gen)
+        if len(shape) == 3:
+            # Images (C, H, W): drawn in (H, W, C) order and viewed as (C, H, W). The noise is i.i.d.
+            # over elements (or, for ExpInf, invariant under permuting them), so its law is the same,
+            # and fill writes a channels_last batch without transposing anything.
+            c, h, w = shape
+            eps = noise.sample((self.CHUNK, h, w, c), generator=gen).permute(0, 3, 1, 2)
+        else:
+            eps = noise.sample((self.CHUNK, *shape), generator=gen)
         self._cached = (key, eps)
         return eps
 
@@ -108,11 +115,20 @@ class TorchBackend:
                 pieces.append((seg.slot, seg.image_index, chunk, start, take, row))
                 copy, row = copy + take, row + take
 
+        # A channels_last batch of images is filled in (N, H, W, C) order, in which the noise chunks
+        # (see _chunk), the images and the batch are all contiguous: torch's strided add-and-cast
+        # would take 7 ms per 1000 CIFAR copies, this one 2 ms.
+        hwc = len(shape) == 3 and out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last)
+        images = xs.permute(0, 2, 3, 1).contiguous() if hwc else xs
+
         def perturb(piece):
             slot, image_index, chunk, start, take, row = piece
             eps = self._chunk(noise, seed, image_index, chunk, shape, xs.device)[start:start + take]
+            dst = out[row:row + take]
+            if hwc:
+                eps, dst = eps.permute(0, 2, 3, 1), dst.permute(0, 2, 3, 1)
             # Noise added in float32; only x + eps is cast to the model's precision (DESIGN §5).
-            torch.add(eps, xs[slot], out=out[row:row + take])
+            torch.add(eps, images[slot], out=dst)
 
         workers = min(torch.get_num_threads(), len(pieces)) if xs.device.type == "cpu" else 1
         if workers > 1:

@@ -297,7 +297,7 @@ def test_results_before_a_failing_image_are_handed_out(overlap):
 def test_torch_backend_fills_alike_on_one_thread_or_many(noise):
     """On a CPU with several intra-op threads the torch backend draws chunks on worker threads:
     the batch is the same, bit for bit, as drawn on one thread (chunks split across segments and
-    batch edges included), in float32 and cast to bf16 channels_last."""
+    batch edges included), in float32 NCHW and cast to bf16 channels_last (filled in NHWC order)."""
     xs = torch.rand(3, 3, 8, 8)
     segments = [Segment(0, 4, 10, 100, 0), Segment(2, 9, 0, 37, 100), Segment(1, 4, 500, 63, 137)]
     threads = torch.get_num_threads()
@@ -312,8 +312,9 @@ def test_torch_backend_fills_alike_on_one_thread_or_many(noise):
                 torch.set_num_threads(threads)
             batches.append(out)
         assert torch.equal(batches[0], batches[1])
-        expected = xs[2] + noise.sample((64, 3, 8, 8), torch.Generator().manual_seed(mix_seed(5, 9, 0)))[:37]
-        assert torch.equal(batches[1][100:137], expected.to(dtype))
+        # image 9's chunk 0, drawn in (H, W, C) order and viewed as (C, H, W), plus the image
+        eps = noise.sample((64, 8, 8, 3), torch.Generator().manual_seed(mix_seed(5, 9, 0))).permute(0, 3, 1, 2)
+        assert torch.equal(batches[1][100:137], (xs[2] + eps[:37]).to(dtype))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
