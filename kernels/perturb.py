@@ -14,9 +14,12 @@ Samplers (w: one 32-bit Philox word, read as int32 bits ws; 2^-31 = 4.6566128730
 
     U31(w) = ((ws & 0x7FFFFFFF) + 0.5) * 2^-31      in (0, 1], 31 bits, never 0
     S32(w) = (ws + 0.5) * 2^-31                     in [-1, 1], 32 bits, symmetric
+    U39(a, b) = ((as & 0x7FFFFFFF) + ((bs & 0xFF) + 0.5) * 2^-8) * 2^-31    in (0, 1], 39 bits
+    S24(b) = ((bs >> 8) + 0.5) * 2^-23              in [-1, 1], the 24 high bits of b
 
-* Gaussian: Box-Muller on the word pairs (0, 1) and (2, 3) of a group: R = sqrt(-2 log U31(w_a)),
-  theta = pi S32(w_b); eps = lambda (R cos theta, R sin theta).
+* Gaussian: Box-Muller on the word pairs (0, 1) and (2, 3) of a group: R = sqrt(-2 log U39(w_a, w_b)),
+  theta = pi S24(w_b); eps = lambda (R cos theta, R sin theta). The radius takes 8 bits of the
+  angle's word: its tail reaches 7.45, and the unreached first cell costs tau 2^-39 per pair, not 2^-31.
 * Laplace: eps = lambda * sign * (-log U31(w)), sign = the top bit of w. Written as -log of a
   uniform on (0, 1] so that no value is infinite (DESIGN §5); the 31 low bits and the sign bit are
   independent.
@@ -28,14 +31,14 @@ Samplers (w: one 32-bit Philox word, read as int32 bits ws; 2^-31 = 4.6566128730
   the same counters (tags TAG_GAMMA and TAG_COPY).
 
 Total-variation distance tau from the ideal law (``sampler_tv_bound``): the uniforms are on a grid
-of 2^-31; we count as a defect the ideal mass that the sampler cannot reach except by rounding,
+of 2^-31 (2^-39 for the Gaussian radius); we count as a defect the ideal mass that the sampler cannot reach except by rounding,
 i.e. the whole first grid cell of every uniform that feeds an unbounded transform (its ideal image
 is an unbounded tail), and every bias of a discrete choice. The remaining difference -- each value
 moved within its grid cell -- is rounding of the order of float32 resolution, as in any float
 sampler (torch.randn included), and is not counted.
 
-* Gaussian: tau = (number of Box-Muller pairs feeding the d elements) * 2^-31  (<= d * 2^-31;
-  the radius is cut at sqrt(-2 log 2^-32) = 6.66 instead of tl.randn's 5.68).
+* Gaussian: tau = (number of Box-Muller pairs feeding the d elements) * 2^-39  (<= d * 2^-39;
+  the radius is cut at sqrt(-2 log 2^-40) = 7.45 instead of tl.randn's 5.68).
 * Laplace: tau = d * 2^-31 (each |eps_i| / lambda is cut at 32 log 2 = 22.18).
 * Uniform: tau = 0 (bounded transform, support [-lambda, lambda] reached).
 * ExpInf: tau = 4 * 2^-31 + d * 2^-64: per rejection iteration 2^-31 for the normal's tail and
@@ -90,8 +93,10 @@ def _s32_f64(ws):
 
 @triton.jit
 def _box_muller(wa, wb):
-    rad = tl.sqrt(-2.0 * tl.log(_u31(wa)))
-    th = _s32(wb) * 3.141592653589793
+    # radius uniform U39(wa, wb): 31 bits of wa below the 8 low bits of wb; angle: wb's 24 high bits
+    low = ((wb & 0xFF).to(tl.float32) + 0.5) * 0.00390625
+    rad = tl.sqrt(-2.0 * tl.log(((wa & 0x7FFFFFFF).to(tl.float32) + low) * 4.656612873077393e-10))
+    th = ((wb >> 8).to(tl.float32) + 0.5) * 1.1920928955078125e-07 * 3.141592653589793
     return rad * tl.cos(th), rad * tl.sin(th)
 
 
@@ -524,6 +529,14 @@ def _s32_ref(w, dtype=_F32):
     return (to_int32(w).to(dtype) + 0.5) * TWO_M31
 
 
+def _box_muller_ref(wa, wb):
+    """(R, theta) of ``_box_muller`` for words held in int64: R = sqrt(-2 log U39), theta = pi S24."""
+    low = ((wb & 0xFF).to(_F32) + 0.5) * 2.0 ** -8
+    rad = torch.sqrt(-2.0 * torch.log(((wa & 0x7FFFFFFF).to(_F32) + low) * TWO_M31))
+    th = ((to_int32(wb) >> 8).to(_F32) + 0.5) * 2.0 ** -23 * torch.tensor(math.pi, dtype=_F32)
+    return rad, th
+
+
 def expinf_copy_reference(seed: int, image_index, copy_index: torch.Tensor, dim: int, lam: float, k: float):
     """ExpInf's per-copy (r float32, j int64, sign float32) for 1-D int64 ``copy_index``."""
     k0, k1 = split_seed(seed)
@@ -575,8 +588,7 @@ def noise_reference(noise, shape: tuple, seed: int, image_index: int = 0, first_
                                                  k0, k1), -1)
         wa = words[:, group, lane - lane % 2]
         wb = words[:, group, lane - lane % 2 + 1]
-        rad = torch.sqrt(-2.0 * torch.log(_u31_ref(wa)))
-        th = _s32_ref(wb) * torch.tensor(math.pi, dtype=_F32)
+        rad, th = _box_muller_ref(wa, wb)
         n = torch.where(lane % 2 == 0, rad * torch.cos(th), rad * torch.sin(th))
         eps = lam32 * n
     elif name == "laplace":
@@ -621,7 +633,7 @@ def sampler_tv_bound(noise, dim: int) -> float:
     name = str(noise.name).lower()
     dim = int(dim)
     if name == "gaussian":
-        return gaussian_pairs(dim) * TWO_M31
+        return gaussian_pairs(dim) * 2.0 ** -39
     if name == "laplace":
         return dim * TWO_M31
     if name == "uniform":

@@ -186,12 +186,26 @@ def test_uniform_minimum_word_is_finite_everywhere():
     assert (s.abs() <= 1).all()
 
 
+def test_box_muller_reach_and_angle_range():
+    """U39 takes 31 bits of the first word and the 8 low bits of the second: the smallest radius
+    uniform is 2^-40 (R = sqrt(80 log 2) = 7.45, against 6.66 with 31 bits), never 0; the angle,
+    from the second word's 24 high bits, stays within (-pi, pi) and is symmetric."""
+    wa = torch.tensor([0, 2 ** 31, 2 ** 31 - 1, 2 ** 32 - 1, 0])
+    wb = torch.tensor([0, 2 ** 32 - 256, 2 ** 31 - 1, 2 ** 31, 255])
+    rad, th = pk._box_muller_ref(wa, wb)
+    assert float(rad[0]) == pytest.approx(math.sqrt(80 * math.log(2)), rel=1e-6) == float(rad[1])
+    assert float(rad.max()) == float(rad[0]) and abs(float(rad[3])) < 1e-4  # U39 near 1: R near 0
+    assert float(rad[4]) == pytest.approx(math.sqrt(-2 * math.log(2.0 ** -31)), rel=1e-3)  # wb's low byte full
+    assert (th.abs() <= float(torch.tensor(math.pi, dtype=torch.float32))).all()
+    assert float(th[2]) == -float(th[3]) and float(th[0]) == -float(th[1])  # S24 is symmetric
+
+
 def test_tv_bounds():
     d = 3072
     assert sampler_tv_bound(make_noise("uniform", sigma=1), d) == 0.0
     assert sampler_tv_bound(make_noise("laplace", sigma=1), d) == d * 2.0 ** -31
-    assert sampler_tv_bound(make_noise("gaussian", sigma=1), d) == d / 2 * 2.0 ** -31
-    assert sampler_tv_bound(make_noise("gaussian", sigma=1), 150528) < 4e-5
+    assert sampler_tv_bound(make_noise("gaussian", sigma=1), d) == d / 2 * 2.0 ** -39
+    assert sampler_tv_bound(make_noise("gaussian", sigma=1), 150528) < 1.4e-7  # ImageNet: 75264 pairs
     assert sampler_tv_bound(make_noise("expinf", k=1, sigma=1), d) < 2e-9
     # the pair count: every element of d is fed by exactly one pair, a pair feeds at most two
     for dim in (1, 100, 128, 129, 300, 511, 512, 700):
