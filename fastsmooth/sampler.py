@@ -132,7 +132,13 @@ class TorchBackend:
 
         workers = min(torch.get_num_threads(), len(pieces)) if xs.device.type == "cpu" else 1
         if workers > 1:
-            for _ in self._workers().map(perturb, pieces):  # rows of out are disjoint per piece
+            inference = torch.is_inference_mode_enabled()  # thread-local: the workers take the caller's
+
+            def perturb_in_mode(piece):
+                with torch.inference_mode(inference):
+                    perturb(piece)
+
+            for _ in self._workers().map(perturb_in_mode, pieces):  # rows of out are disjoint per piece
                 pass
         else:
             for piece in pieces:

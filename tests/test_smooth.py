@@ -317,6 +317,27 @@ def test_torch_backend_fills_alike_on_one_thread_or_many(noise):
         assert torch.equal(batches[1][100:137], (xs[2] + eps[:37]).to(dtype))
 
 
+def test_certify_alike_on_one_thread_or_many():
+    """End to end (the engine's batch buffer is an inference tensor, written by the noise workers,
+    which must run in the caller's inference mode): certificates on 2 threads equal those on 1."""
+    k, shape = 4, (3, 6, 6)
+    xs = images(2, shape, seed=8)
+    threads = torch.get_num_threads()
+    runs = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        try:
+            for precision in ("fp32", "bf16"):
+                smooth = Smooth(mlp(108, k, seed=4), k, Laplace(sigma=0.5), precision=precision, seed=2,
+                                backend="torch")
+                runs.append([smooth.certify(x, n0=40, n=600, batch_size=256, image_index=i) for i, x in enumerate(xs)])
+        finally:
+            torch.set_num_threads(threads)
+    for a, b in zip(runs[:2], runs[2:]):
+        for ca, cb in zip(a, b):
+            assert torch.equal(ca.counts, cb.counts) and torch.equal(ca.counts0, cb.counts0)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_torch_backend_workers_in_a_forked_child():
     """A child forked after the noise workers started has none of their threads: the backend makes
