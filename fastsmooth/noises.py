@@ -331,7 +331,6 @@ def sample_gamma(alpha: float, count: int, generator=None, device="cpu") -> torc
     return out
 
 
-
 def random_words(count: int, generator, device) -> torch.Tensor:
     """``count`` independent integers uniform on [0, 2^63): torch's ``random_`` on int64 with no
     bounds returns a 64-bit draw (two 32-bit words) modulo 2^63 (tests/test_noises.py checks the bits)."""
