@@ -196,6 +196,17 @@ def _residual_stage(block, inplanes: int, planes: int, blocks: int, stride: int)
     return nn.Sequential(*layers), outplanes
 
 
+def _he_init(model: nn.Module) -> None:
+    """He et al. (2015) normal init of the convolutions, N(0, 2 / (k*k*out_channels)), and unit
+    BatchNorms, as Cohen's and torchvision's ResNets."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class CifarResNet(nn.Module):
     """ResNet for 32x32 inputs, depth = 6n + 2: conv 16 -> 3 stages of n BasicBlocks (16, 32, 64
     planes; 1x1 convolution shortcuts where the shape changes) -> global average pool -> fc.
@@ -210,25 +221,16 @@ class CifarResNet(nn.Module):
         if (depth - 2) % 6 != 0:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2 (20, 32, 44, 56, 110, ...), got {depth}")
         n = (depth - 2) // 6
-        self.inplanes = 16
         self.conv1 = nn.Conv2d(in_channels, 16, kernel_size=3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = self._make_layer(16, n)
-        self.layer2 = self._make_layer(32, n, stride=2)
-        self.layer3 = self._make_layer(64, n, stride=2)
+        self.layer1, width = _residual_stage(BasicBlock, 16, 16, n, 1)
+        self.layer2, width = _residual_stage(BasicBlock, width, 32, n, 2)
+        self.layer3, width = _residual_stage(BasicBlock, width, 64, n, 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64 * BasicBlock.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # N(0, 2 / (k*k*out_channels)), as the original
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        _he_init(self)
 
-    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
-        layer, self.inplanes = _residual_stage(BasicBlock, self.inplanes, planes, blocks, stride)
-        return layer
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))
@@ -270,27 +272,18 @@ class ResNet50(nn.Module):
 
     def __init__(self, num_classes: int = 1000, in_channels: int = 3, layers=(3, 4, 6, 3)):
         super().__init__()
-        self.inplanes = 64
         self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(64, layers[0])
-        self.layer2 = self._make_layer(128, layers[1], stride=2)
-        self.layer3 = self._make_layer(256, layers[2], stride=2)
-        self.layer4 = self._make_layer(512, layers[3], stride=2)
+        self.layer1, width = _residual_stage(Bottleneck, 64, 64, layers[0], 1)
+        self.layer2, width = _residual_stage(Bottleneck, width, 128, layers[1], 2)
+        self.layer3, width = _residual_stage(Bottleneck, width, 256, layers[2], 2)
+        self.layer4, width = _residual_stage(Bottleneck, width, 512, layers[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * Bottleneck.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        _he_init(self)
 
-    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
-        layer, self.inplanes = _residual_stage(Bottleneck, self.inplanes, planes, blocks, stride)
-        return layer
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
