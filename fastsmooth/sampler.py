@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .noises import Noise
+from .telemetry import proc_cpuinfo
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKENDS = ("auto", "torch", "triton")
@@ -165,11 +166,7 @@ class TorchBackend:
 
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX512-BF16 on this CPU (Linux /proc/cpuinfo): bf16 autocast is then fast."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
+    flags = set(proc_cpuinfo().get("flags", "").split())
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 

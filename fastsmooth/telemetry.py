@@ -50,7 +50,7 @@ def _versions() -> dict:
 # -- CPU ------------------------------------------------------------------------------------------
 
 def _cpu_facts() -> dict:
-    info = _proc_cpuinfo()
+    info = proc_cpuinfo()
     flags = set(info.get("flags", "").split())
     facts = {
         "cpu_model": info.get("model name") or platform.processor() or platform.machine(),
@@ -74,7 +74,7 @@ def _cpu_facts() -> dict:
     return facts
 
 
-def _proc_cpuinfo() -> dict:
+def proc_cpuinfo() -> dict:
     """The first processor's block of /proc/cpuinfo (Linux); {} elsewhere."""
     out = {}
     try:
