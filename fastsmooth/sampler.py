@@ -247,7 +247,7 @@ def resolve_micro_batch(micro_batch, device: torch.device, dtype: torch.dtype, p
         return micro_batch
     if device.type != "cpu" or probe.macs < CPU_BF16_MIN_MACS or probe.largest_activation == 0:
         return 0
-    per_copy = probe.largest_activation * torch.empty((), dtype=dtype).element_size()
+    per_copy = probe.largest_activation * dtype.itemsize
     fit = max(MIN_MICRO_BATCH, CPU_MICRO_BATCH_BYTES // per_copy)
     return 1 << (fit.bit_length() - 1)  # a power of two: full batches of 1000 split evenly enough
 
@@ -506,7 +506,3 @@ class PendingTotals:
                 f"the model returned NaN or inf logits for {bad} noisy copies; a non-finite output "
                 "cannot be counted as a vote (check the model, its input range and the precision)")
         return self._totals
-
-
-def input_dim(x: torch.Tensor) -> int:
-    return math.prod(x.shape)

@@ -23,9 +23,9 @@ from typing import Iterable, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
-from .noises import Noise, NORMS
+from .noises import Noise, _check_norm
 from .sampler import Job, Sampler
-from .stats import clopper_pearson_lower, predict_from_counts
+from .stats import _check_alpha, clopper_pearson_lower, predict_from_counts
 
 
 @dataclass
@@ -70,12 +70,6 @@ def _check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or int(value) != value or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
-
-
-def _check_alpha(alpha) -> float:
-    if not 0.0 < float(alpha) < 1.0:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
-    return float(alpha)
 
 
 def _groups(items: Iterable, size: int) -> Iterator[list]:
@@ -171,9 +165,7 @@ class Smooth:
         n0, n = _check_positive_int("n0", n0), _check_positive_int("n", n)
         batch_size = _check_positive_int("batch_size", batch_size)
         alpha = _check_alpha(alpha)
-        norm = norm or self.noise.default_norm
-        if norm not in NORMS:
-            raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
+        norm = _check_norm(norm or self.noise.default_norm)
         group_size = images_per_group or max(1, min(16, batch_size // (n0 + n)))
 
         def jobs(group):  # selection copies [0, n0) and estimation copies [n0, n0 + n) of each image

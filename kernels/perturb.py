@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import (CHUNK, LANE_RUN, TAG_COPY, TAG_ELEMENT, TAG_GAMMA, element_words,
+from .philox import (CHUNK, LANE_RUN, TAG_COPY, TAG_GAMMA, group_words, noise_counters,
                      philox4x32, philox4x32_reference, split_seed, to_int32)
 
 NOISE_IDS = {"gaussian": 0, "laplace": 1, "uniform": 2, "expinf": 3}
@@ -464,7 +464,7 @@ def perturb_packed(out: torch.Tensor, xs: torch.Tensor, segments: Sequence, nois
     dim = math.prod(shape)
     if dim >= 2 ** 31:
         raise ValueError(f"inputs of {dim} elements: the kernels take fewer than 2^31")
-    segs = [_segment_fields(s) for s in segments if _segment_fields(s)[3] > 0]
+    segs = [f for f in map(_segment_fields, segments) if f[3] > 0]
     if not segs or out.shape[0] == 0:
         return out
     xs = xs.to(device=out.device, dtype=torch.float32).contiguous()
@@ -478,16 +478,15 @@ def perturb_packed(out: torch.Tensor, xs: torch.Tensor, segments: Sequence, nois
     # bfloat16 rounding done in integer arithmetic where the interpreter runs (its cast truncates)
     bf16_bits = out.dtype == torch.bfloat16 and interpreting()
     target = out.view(torch.int16) if bf16_bits else out
+    cfg_cl = channels_last_config(D2, out.device.type, name) if chlast else None
     for slot, image_index, first_copy, count, row in segs:
-        if count <= 0:
-            continue
         if not (0 <= slot < xs.shape[0]) or row < 0 or row + count > out.shape[0]:
             raise IndexError(f"segment {(slot, image_index, first_copy, count, row)} is outside "
                              f"xs ({xs.shape[0]} images) or out ({out.shape[0]} rows)")
         if not (0 <= image_index < 2 ** 32) or first_copy < 0 or first_copy + count > 2 ** 32:
             raise ValueError("image and copy indices must lie in [0, 2^32)")
         if chlast:
-            cfg = channels_last_config(D2, out.device.type, name)
+            cfg = cfg_cl
             grid = (count, triton.cdiv(D3, 4 * cfg["PG"]))
             _perturb_cl_kernel[grid](
                 xs, target, params, lam, k0, k1, slot, image_index, first_copy, row,
@@ -575,17 +574,12 @@ def noise_reference(noise, shape: tuple, seed: int, image_index: int = 0, first_
     dim = math.prod(shape)
     name, lam, k = noise_spec(noise, dim)
     copy_index = torch.arange(first_copy, first_copy + copies, dtype=torch.int64)
-    w = element_words(seed, image_index, copy_index, dim)            # (copies, dim), uint32 values
+    words = group_words(seed, image_index, copy_index, dim)         # (copies, groups, 4), uint32 values
+    group, lane = noise_counters(dim)
+    w = words[:, group, lane]                                          # (copies, dim): each element's word
     lam32 = torch.tensor(lam, dtype=_F32)
     if name == "gaussian":
         # partner word of each element: lanes (0, 1) and (2, 3) of the same group
-        from .philox import noise_counters
-        group, lane = noise_counters(dim)
-        k0, k1 = split_seed(seed)
-        ngroups = math.ceil(dim / CHUNK) * LANE_RUN
-        words = torch.stack(philox4x32_reference(torch.arange(ngroups).reshape(1, -1),
-                                                 copy_index.reshape(-1, 1), image_index, TAG_ELEMENT,
-                                                 k0, k1), -1)
         wa = words[:, group, lane - lane % 2]
         wb = words[:, group, lane - lane % 2 + 1]
         rad, th = _box_muller_ref(wa, wb)

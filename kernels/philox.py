@@ -153,15 +153,13 @@ def noise_counters(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return group, lane
 
 
-def element_words(seed: int, image_index, copy_index, dim: int) -> torch.Tensor:
-    """The per-element Philox words of copies: int64 (len(copy_index), dim) of uint32 values.
-
-    ``image_index`` and ``copy_index`` are ints or 1-D int64 tensors (broadcast together)."""
+def group_words(seed: int, image_index, copy_index, dim: int) -> torch.Tensor:
+    """The Philox words of every element group of copies: int64 (len(copy_index), groups, 4) of
+    uint32 values. ``image_index`` and ``copy_index`` are ints or 1-D int64 tensors (broadcast
+    together)."""
     copy_index = torch.as_tensor(copy_index, dtype=torch.int64).reshape(-1, 1)
     image_index = torch.as_tensor(image_index, dtype=torch.int64).reshape(-1, 1)
     k0, k1 = split_seed(seed)
     ngroups = math.ceil(dim / CHUNK) * LANE_RUN
     groups = torch.arange(ngroups, dtype=torch.int64).reshape(1, -1)
-    words = torch.stack(philox4x32_reference(groups, copy_index, image_index, TAG_ELEMENT, k0, k1), -1)
-    group, lane = noise_counters(dim)
-    return words[:, group, lane]
+    return torch.stack(philox4x32_reference(groups, copy_index, image_index, TAG_ELEMENT, k0, k1), -1)

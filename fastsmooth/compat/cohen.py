@@ -49,10 +49,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..noises import NORMS, Gaussian, Noise, make_noise
+from ..noises import Gaussian, Noise, _check_norm, make_noise
 from ..sampler import Job, model_device
 from ..smooth import Smooth as _EngineSmooth
-from ..stats import clopper_pearson_lower, predict_from_counts
+from ..smooth import _check_positive_int as _check_positive
+from ..stats import _check_alpha, clopper_pearson_lower, predict_from_counts
 
 _SEED_BOUND = 2**63 - 1
 
@@ -82,9 +83,7 @@ class Smooth(object):
         self.base_classifier = base_classifier
         self.num_classes = num_classes
         self._noise = self._make_noise(sigma, noise)
-        if norm is not None and norm not in NORMS:  # refused before any sampling
-            raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
-        self.norm = norm
+        self.norm = None if norm is None else _check_norm(norm)  # refused before any sampling
         self.backend = backend
         self.precision = precision
         self.generator = generator
@@ -161,8 +160,7 @@ class Smooth(object):
                  in the case of abstention, the class will be ABSTAIN and the radius 0.
         """
         _check_positive("n0", n0), _check_positive("n", n), _check_positive("batch_size", batch_size)
-        if not 0.0 < float(alpha) < 1.0:
-            raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
+        _check_alpha(alpha)
         x = self._as_image(x)
         self.base_classifier.eval()
         # selection: n0 copies guess the top class (ties -> lowest index)
@@ -236,8 +234,3 @@ class Smooth(object):
             over the samples
         """
         return clopper_pearson_lower(NA, N, alpha)
-
-
-def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or int(value) != value or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
