@@ -148,8 +148,6 @@ def _resolve(args: argparse.Namespace) -> None:
         raise CliError(f"--alpha must lie in (0, 1), got {args.alpha}")
     if args.noise is not None and args.noise.lower() not in NOISES:
         raise CliError(f"unknown noise {args.noise!r}; expected one of {', '.join(NOISES)}")
-    if args.sigma is not None and args.scale is not None:
-        raise CliError("give one of --sigma or --scale, not both")
     _check_positive_finite("--sigma" if not args.cohen else "SIGMA", args.sigma)
     _check_positive_finite("--scale", args.scale)
     _check_positive_finite("--k", args.k)
@@ -299,13 +297,14 @@ def _setup(args, device: torch.device, show_progress: bool = True):
         raise CliError(f"the checkpoint's model has {ckpt_meta['num_classes']} classes but data set "
                        f"{dataset_name} has {num_classes}")
     model = model.to(device).eval()
-    if len(dataset):
-        _probe(model, dataset[0][0], num_classes, dataset_name, device)
+    first = dataset[0][0] if len(dataset) else None  # loaded once (an image folder decodes a file)
+    if first is not None:
+        _probe(model, first, num_classes, dataset_name, device)
     try:
         smooth = Smooth(_Guarded(model), num_classes, noise, backend=args.backend, precision=args.precision,
                         seed=args.seed, device=device, compile=args.compile, micro_batch=args.micro_batch)
-        if len(dataset):
-            smooth.sampler.prepare(dataset[0][0].shape)  # resolve the "auto" choices before the metadata
+        if first is not None:
+            smooth.sampler.prepare(first.shape)  # resolve the "auto" choices before the metadata
     except RuntimeError as exc:  # e.g. the Triton backend without a GPU
         raise CliError(_first_line(exc)) from None
     model_name = "embedded"
@@ -508,7 +507,7 @@ def main(argv=None) -> int:
 
             ctx = Context.from_env()
             return run_sampling(args, ctx)
-        return args.run(args) if hasattr(args, "run") else _module_run(args)
+        return args.run(args)
     except KeyboardInterrupt:
         print("fastsmooth: interrupted", file=sys.stderr)
         return 130
@@ -530,11 +529,6 @@ def main(argv=None) -> int:
         print(f"fastsmooth {args.command}: internal error: {type(exc).__name__}: {_first_line(exc)} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
-
-
-def _module_run(args) -> int:
-    module = {"train": "train", "analyze": "analyze", "bench": "benchmark"}[args.command]
-    return importlib.import_module(f"fastsmooth.{module}").run(args)
 
 
 def _nonfinite_error():

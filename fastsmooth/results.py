@@ -28,15 +28,14 @@ class ResultWriter:
     """Writes rows to ``path`` (standard output when None), one whole, flushed line per image.
 
     A crash loses only the images in progress (on a GPU also those queued behind them, see
-    ``Smooth.overlap``); ``resume=True`` keeps the complete rows already there (a torn last line is
-    cut off) and ``done`` lists their indices, so the run continues after them and the final file
-    equals an uninterrupted run (all columns but time).
+    ``Smooth.overlap``). ``resume=True`` appends to ``path`` as ``consolidate`` left it (the complete
+    rows of the interrupted run, a torn last line cut off), so that the final file equals an
+    uninterrupted run (all columns but time).
     """
 
     def __init__(self, path: Optional[str], columns: Iterable[str], *, metadata: Optional[dict] = None,
                  resume: bool = False, force: bool = False):
         self.path, self.columns = path, tuple(columns)
-        self.done: set[int] = set()
         if path is None:
             self._file = sys.stdout
             self._write_line("\t".join(self.columns))
@@ -44,9 +43,7 @@ class ResultWriter:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"the output directory {directory} does not exist")
-        if os.path.exists(path) and resume:
-            # Rows of an interrupted run (OUT and any part files), a torn last line dropped.
-            self.done = consolidate(path, self.columns, metadata)
+        if os.path.exists(path) and resume:  # the caller has consolidated it (parts folded in)
             self._file = open(path, "a", encoding="utf-8")
         else:
             if os.path.exists(path) and not force:
@@ -376,7 +373,7 @@ def read_results(path: str) -> Results:
             raise ResultsFormatError(f"{path}: line {number}: {exc}") from None
     if columns is None:
         raise ResultsFormatError(f"{path}: no header line (expected 'idx label predict radius correct time')")
-    side = path + ".meta.json"
+    side = path + META_SUFFIX
     if os.path.isfile(side):
         try:
             with open(side, encoding="utf-8") as f:

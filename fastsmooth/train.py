@@ -439,6 +439,7 @@ def add_arguments(parser) -> None:
     stab = parser.add_argument_group("stability training (rs4a)")
     stab.add_argument("--stability-weight", type=float, default=0.0,
                       help="w > 0: CE(f(x+e1)) + w KL(f(x+e1) || f(x+e2)) (rs4a uses 6)")
+    parser.set_defaults(run=run)
 
 
 def _first(dataset, n: int):
