@@ -86,18 +86,12 @@ def _eps_column(epsilon: Epsilon, rows: int, like: torch.Tensor) -> torch.Tensor
 
 def project_l2(v: torch.Tensor, epsilon: Epsilon) -> torch.Tensor:
     """Euclidean projection of every row of v onto {||w||_2 <= epsilon}: rows outside are rescaled."""
-    flat = v.reshape(v.shape[0], -1)
-    eps = _eps_column(epsilon, flat.shape[0], flat)
-    norms = flat.norm(p=2, dim=1, keepdim=True)
-    factor = torch.where(norms > eps, eps / norms.clamp_min(torch.finfo(flat.dtype).tiny), torch.ones_like(norms))
-    return (flat * factor).reshape(v.shape)
+    return _project_l2(v, _eps_column(epsilon, v.shape[0], v))
 
 
 def project_linf(v: torch.Tensor, epsilon: Epsilon) -> torch.Tensor:
     """Euclidean projection of every row of v onto {||w||_inf <= epsilon}: coordinate-wise clamping."""
-    flat = v.reshape(v.shape[0], -1)
-    eps = _eps_column(epsilon, flat.shape[0], flat)
-    return torch.maximum(torch.minimum(flat, eps), -eps).reshape(v.shape)
+    return _project_linf(v, _eps_column(epsilon, v.shape[0], v))
 
 
 def project_l1(v: torch.Tensor, epsilon: Epsilon) -> torch.Tensor:
@@ -108,9 +102,26 @@ def project_l1(v: torch.Tensor, epsilon: Epsilon) -> torch.Tensor:
     decreasing order and c_j = u_1 + ... + u_j, rho = max{j : u_j > (c_j - eps) / j} and
     theta = (c_rho - eps) / rho. epsilon = 0 gives 0.
     """
+    return _project_l1(v, _eps_column(epsilon, v.shape[0], v))
+
+
+# The projections proper, for eps an already checked (B, 1) column of v's dtype and device: the
+# attack checks it once, not at every step (the check reads the device).
+def _project_l2(v: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     flat = v.reshape(v.shape[0], -1)
-    rows, d = flat.shape
-    eps = _eps_column(epsilon, rows, flat)
+    norms = flat.norm(p=2, dim=1, keepdim=True)
+    factor = torch.where(norms > eps, eps / norms.clamp_min(torch.finfo(flat.dtype).tiny), torch.ones_like(norms))
+    return (flat * factor).reshape(v.shape)
+
+
+def _project_linf(v: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    flat = v.reshape(v.shape[0], -1)
+    return torch.maximum(torch.minimum(flat, eps), -eps).reshape(v.shape)
+
+
+def _project_l1(v: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    flat = v.reshape(v.shape[0], -1)
+    d = flat.shape[1]
     if d == 0:
         return v.clone()
     mag = flat.abs()
@@ -128,7 +139,10 @@ def project_l1(v: torch.Tensor, epsilon: Epsilon) -> torch.Tensor:
 
 def project(v: torch.Tensor, epsilon: Epsilon, norm: str) -> torch.Tensor:
     """Projection of every row of v onto the ``norm`` ball of radius epsilon."""
-    return {"l1": project_l1, "l2": project_l2, "linf": project_linf}[_check_norm(norm)](v, epsilon)
+    return _PROJECTIONS[_check_norm(norm)](v, _eps_column(epsilon, v.shape[0], v))
+
+
+_PROJECTIONS = {"l1": _project_l1, "l2": _project_l2, "linf": _project_linf}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +271,7 @@ class SmoothAdvPGD:
                                              clip=self.clip)
                 delta = delta + step * direction
                 delta = (x + delta).clamp(*self.clip) - x
-                delta = project(delta, eps, self.norm)
+                delta = _PROJECTIONS[self.norm](delta, eps)  # eps checked above
         finally:
             model.train(was_training)
         return delta.detach()

@@ -160,35 +160,24 @@ class Runners:
         self.smooth = Smooth(w.model, w.num_classes, self.noise, backend=w.backend, precision=w.precision,
                              seed=w.seed, device=self.device)
         s = self.smooth.sampler
-        if hasattr(s, "prepare"):  # resolve precision="auto" (and the layout) for this input shape now,
-            s.prepare(tuple(w.shape))  # before the bare forward's buffer is made and the config is read
+        s.prepare(tuple(w.shape))  # resolve the "auto" choices before the buffer is made and the config read
         self.engine = dict(self.smooth.metadata)
         # The bare forward runs through the engine's own forward path on the engine's own batch
         # buffer (so a CUDA graph captured over that buffer serves both), filled once with noisy
         # copies so that the model sees realistic values; later certify calls refill it likewise.
         rows = min(w.batch, max(w.copies, 1))
-        make_buffer = getattr(s, "_batch_buffer", None)
-        if make_buffer is not None:
-            buf = make_buffer(rows, tuple(w.shape))
-        else:  # an engine without the helper: a buffer made as the engine documents it
-            buf = torch.empty((rows, *w.shape), dtype=s.dtype, device=self.device)
-            if s.channels_last and buf.dim() == 4:
-                buf = buf.to(memory_format=torch.channels_last)
+        buf = s._batch_buffer(rows, tuple(w.shape))
         with torch.inference_mode():
             buf.copy_(self.images[0] + self.noise.sample((rows, *w.shape)).to(self.device))
         self.buffer = buf
 
     def _engine_forward(self, batch: torch.Tensor) -> torch.Tensor:
         """The engine's forward of one batch: CUDA-graph replay for full batches where the engine
-        uses it, else its eager forward (autocast to its precision); a plain autocast forward for an
-        engine without these helpers."""
+        uses it, else its eager forward (autocast to its precision, micro-batches)."""
         s = self.smooth.sampler
-        if getattr(s, "cuda_graph", False) and batch.shape[0] == self.buffer.shape[0] and hasattr(s, "_graphed_forward"):
+        if s.cuda_graph and batch.shape[0] == self.buffer.shape[0]:
             return s._graphed_forward(batch)
-        if hasattr(s, "_forward"):
-            return s._forward(batch)
-        with torch.autocast(self.device.type, dtype=s.dtype, enabled=s.dtype != torch.float32):
-            return s.model(batch)
+        return s._forward(batch)
 
     # Each method -------------------------------------------------------------------------------
     def reference(self):
@@ -201,8 +190,7 @@ class Runners:
 
     def bare(self):
         s, w = self.smooth.sampler, self.workload
-        if hasattr(s, "_batch_buffer"):  # the engine's buffer as it is now (it may have been remade)
-            self.buffer = s._batch_buffer(self.buffer.shape[0], tuple(w.shape))
+        self.buffer = s._batch_buffer(self.buffer.shape[0], tuple(w.shape))  # it may have been remade
         left = w.copies
         with torch.inference_mode():
             while left:
@@ -229,7 +217,7 @@ class Runners:
         if name == "reference":
             return f"fp32, {_memory_format(self.reference_model)}, batch {self.workload.batch}"
         layout = "channels_last" if e.get("channels_last") else "NCHW"
-        graph = ", CUDA graph" if getattr(self.smooth.sampler, "cuda_graph", False) else ""
+        graph = ", CUDA graph" if self.smooth.sampler.cuda_graph else ""
         micro = f" in {e['micro_batch']}s" if e.get("micro_batch") else ""
         base = f"{e.get('precision')}, {layout}, batch {self.workload.batch}{micro}{graph}"
         return base if name == "bare" else f"{base}, {e.get('backend')} backend"
