@@ -262,8 +262,11 @@ def _setup(args, device: torch.device, show_progress: bool = True):
     from .noises import make_noise
     from .smooth import Smooth
 
-    if args.dataset is not None and args.dataset not in data.DATASETS:
-        raise CliError(f"unknown dataset {args.dataset!r}; known: {', '.join(sorted(data.DATASETS))}")
+    if args.dataset is not None:  # the names data.get_dataset takes (case, aliases such as cifar-10)
+        try:
+            args.dataset = data._canonical(args.dataset)
+        except ValueError:
+            raise CliError(f"unknown dataset {args.dataset!r}; known: {', '.join(sorted(data.DATASETS))}") from None
     ckpt_meta, model = {}, None
     if args.model is not None:
         if _is_factory(args.model):

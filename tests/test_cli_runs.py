@@ -104,6 +104,14 @@ def test_resume_after_kill_9(reference, tmp_path):
     assert meta["micro_batch"] == 0 and meta["precision"] == "fp32"  # "auto" resolved: a small model, whole batches
 
 
+def test_dataset_names_as_the_data_module_takes_them(reference, tmp_path):
+    """--dataset accepts what fastsmooth.data does (any case, aliases) and records the canonical name."""
+    out = tmp_path / "cert.tsv"
+    _run([*[("Digits" if a == "digits" else a) for a in ARGS], "--out", out])
+    assert _rows(out) == _rows(reference / "ref.tsv")
+    assert json.loads(Path(f"{out}.meta.json").read_text())["dataset"] == "digits"
+
+
 def test_resume_predict_from_a_torn_file(reference, tmp_path):
     out = tmp_path / "pred.tsv"
     lines = _lines(reference / "pred.tsv")
