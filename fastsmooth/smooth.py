@@ -234,7 +234,7 @@ class Smooth:
         """Cohen's PREDICT for one image: the class, or -1 (ABSTAIN). image_index as in certify.
 
         The test is on the sampler's law; it differs from the ideal noise's by at most tau per copy
-        (``sampler.tv_bound``, <= d/2 2^-40 for the torch samplers, <= d 2^-31 for the kernels), which
+        (``sampler.tv_bound``: <= d/2 2^-40 for the torch samplers, <= d 2^-40 + 2e-9 for the kernels), which
         the binomial test does not take off: the guarantee is for p_A up to that tau.
         """
         return next(self.predict_many([(self._index(image_index), x)], n=n, alpha=alpha, batch_size=batch_size)).prediction

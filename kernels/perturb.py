@@ -20,9 +20,12 @@ Samplers (w: one 32-bit Philox word, read as int32 bits ws; 2^-31 = 4.6566128730
 * Gaussian: Box-Muller on the word pairs (0, 1) and (2, 3) of a group: R = sqrt(-2 log U39(w_a, w_b)),
   theta = pi S24(w_b); eps = lambda (R cos theta, R sin theta). The radius takes 8 bits of the
   angle's word: its tail reaches 7.45, and the unreached first cell costs tau 2^-39 per pair, not 2^-31.
-* Laplace: eps = lambda * sign * (-log U31(w)), sign = the top bit of w. Written as -log of a
-  uniform on (0, 1] so that no value is infinite (DESIGN §5); the 31 low bits and the sign bit are
-  independent.
+* Laplace: eps = lambda * sign * (-log U), sign = the top bit of w, U = U31(w) -- except on the
+  first cell of U31 (the 31 low bits of w all zero, probability 2^-31), where U is refined to
+  ((t & 0x7FFFFFFF) + 0.5) * 2^-62 with t the element's word of Philox(..., TAG_LAPLACE_TAIL), i.e.
+  62 bits in all. A tile draws those words only when one of its words needs them (about once in
+  2^22 tiles), so the refinement costs one reduction per tile. Written as -log of a uniform on
+  (0, 1] so that no value is infinite (DESIGN §5); the magnitude bits and the sign bit are independent.
 * Uniform: eps = lambda S32(w).
 * ExpInf(k): per copy, s ~ Gamma(d/k, 1) by Marsaglia & Tsang (2000) in float64 (shape < 1 through
   the boost Gamma(a) = Gamma(a + 1) U^(1/a)), r = lambda s^(1/k) computed as lambda exp(log(s)/k);
@@ -31,15 +34,16 @@ Samplers (w: one 32-bit Philox word, read as int32 bits ws; 2^-31 = 4.6566128730
   the same counters (tags TAG_GAMMA and TAG_COPY).
 
 Total-variation distance tau from the ideal law (``sampler_tv_bound``): the uniforms are on a grid
-of 2^-31 (2^-39 for the Gaussian radius); we count as a defect the ideal mass that the sampler cannot reach except by rounding,
-i.e. the whole first grid cell of every uniform that feeds an unbounded transform (its ideal image
-is an unbounded tail), and every bias of a discrete choice. The remaining difference -- each value
+of 2^-31 (2^-39 for the Gaussian radius, 2^-62 on the Laplace magnitude's first cell); we count as
+a defect the ideal mass that the sampler cannot reach except by rounding, i.e. the whole first grid
+cell of every uniform that feeds an unbounded transform (its ideal image is an unbounded tail), and
+every bias of a discrete choice. The remaining difference -- each value
 moved within its grid cell -- is rounding of the order of float32 resolution, as in any float
 sampler (torch.randn included), and is not counted.
 
 * Gaussian: tau = (number of Box-Muller pairs feeding the d elements) * 2^-39  (<= d * 2^-39;
   the radius is cut at sqrt(-2 log 2^-40) = 7.45 instead of tl.randn's 5.68).
-* Laplace: tau = d * 2^-31 (each |eps_i| / lambda is cut at 32 log 2 = 22.18).
+* Laplace: tau = d * 2^-62 (each |eps_i| / lambda is cut at 63 log 2 = 43.7).
 * Uniform: tau = 0 (bounded transform, support [-lambda, lambda] reached).
 * ExpInf: tau = 4 * 2^-31 + d * 2^-64: per rejection iteration 2^-31 for the normal's tail and
   2^-31 for the 31-bit acceptance uniform, at most 1.06 iterations on average for shape >= 1
@@ -56,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import (CHUNK, LANE_RUN, TAG_COPY, TAG_GAMMA, group_words, noise_counters,
+from .philox import (CHUNK, LANE_RUN, TAG_COPY, TAG_GAMMA, TAG_LAPLACE_TAIL, group_words, noise_counters,
                      philox4x32, philox4x32_reference, split_seed, to_int32)
 
 NOISE_IDS = {"gaussian": 0, "laplace": 1, "uniform": 2, "expinf": 3}
@@ -101,9 +105,24 @@ def _box_muller(wa, wb):
 
 
 @triton.jit
-def _signed_exp(ws):
-    mag = -tl.log(_u31(ws))
+def _signed_exp(ws, ts):
+    """Laplace's signed -log U: U = U31(ws), refined by 31 bits of ts on U31's first cell."""
+    m = ws & 0x7FFFFFFF
+    u = tl.where(m == 0, ((ts & 0x7FFFFFFF).to(tl.float32) + 0.5) * 2.168404344971009e-19,
+                 (m.to(tl.float32) + 0.5) * 4.656612873077393e-10)
+    mag = -tl.log(u)
     return tl.where(ws < 0, -mag, mag)
+
+
+@triton.jit
+def _laplace_tail_words(w0, w1, w2, w3, group, copy, image, k0, k1):
+    """The refinement words of a Laplace tile: drawn only when some word of the tile has its 31 low
+    bits all zero (the tile's words are returned unused otherwise; _signed_exp reads ts only there)."""
+    m = tl.minimum(tl.minimum(w0 & 0x7FFFFFFF, w1 & 0x7FFFFFFF), tl.minimum(w2 & 0x7FFFFFFF, w3 & 0x7FFFFFFF))
+    if tl.min(m) == 0:
+        tag = tl.zeros([1, 1], dtype=tl.uint32) + 3                     # TAG_LAPLACE_TAIL
+        w0, w1, w2, w3 = philox4x32(group, copy, image, tag, k0, k1)
+    return w0, w1, w2, w3
 
 
 @triton.jit
@@ -158,9 +177,10 @@ def _bf16_bits_rtne(y):
 
 
 @triton.jit
-def _eps4(w0, w1, w2, w3, e0, lam, rr, face, jj, NOISE: tl.constexpr):
+def _eps4(w0, w1, w2, w3, t0, t1, t2, t3, e0, lam, rr, face, jj, NOISE: tl.constexpr):
     """float32 noise of the four lanes fed by one Philox call: elements e0 + 128 l, l = 0..3.
-    ExpInf: rr = radius, face = +-radius, jj = face index (broadcastable against e0)."""
+    Laplace: t0..t3 = the tile's refinement words. ExpInf: rr = radius, face = +-radius, jj = face
+    index (broadcastable against e0)."""
     w0 = w0.to(tl.int32, bitcast=True)
     w1 = w1.to(tl.int32, bitcast=True)
     w2 = w2.to(tl.int32, bitcast=True)
@@ -173,10 +193,10 @@ def _eps4(w0, w1, w2, w3, e0, lam, rr, face, jj, NOISE: tl.constexpr):
         eps2 = lam * n2
         eps3 = lam * n3
     elif NOISE == 1:
-        eps0 = lam * _signed_exp(w0)
-        eps1 = lam * _signed_exp(w1)
-        eps2 = lam * _signed_exp(w2)
-        eps3 = lam * _signed_exp(w3)
+        eps0 = lam * _signed_exp(w0, t0.to(tl.int32, bitcast=True))
+        eps1 = lam * _signed_exp(w1, t1.to(tl.int32, bitcast=True))
+        eps2 = lam * _signed_exp(w2, t2.to(tl.int32, bitcast=True))
+        eps3 = lam * _signed_exp(w3, t3.to(tl.int32, bitcast=True))
     elif NOISE == 2:
         eps0 = lam * _s32(w0)
         eps1 = lam * _s32(w1)
@@ -236,6 +256,10 @@ def _perturb_kernel(x_ptr, out_ptr, params_ptr, lam, k0, k1, slot, image, first_
 
     w0, w1, w2, w3 = philox4x32(group[None, :], copy[:, None], image_u[:, None],
                                 tl.zeros([1, 1], dtype=tl.uint32), k0u, k1u)
+    t0, t1, t2, t3 = w0, w1, w2, w3
+    if NOISE == 1:
+        t0, t1, t2, t3 = _laplace_tail_words(w0, w1, w2, w3, group[None, :], copy[:, None], image_u[:, None],
+                                             k0u, k1u)
     rr = 0.0
     face = 0.0
     jj = 0
@@ -244,7 +268,7 @@ def _perturb_kernel(x_ptr, out_ptr, params_ptr, lam, k0, k1, slot, image, first_
         rr = rad[:, None]
         face = rr * sgn[:, None]
         jj = j[:, None]
-    eps0, eps1, eps2, eps3 = _eps4(w0, w1, w2, w3, e0, lam, rr, face, jj, NOISE)
+    eps0, eps1, eps2, eps3 = _eps4(w0, w1, w2, w3, t0, t1, t2, t3, e0, lam, rr, face, jj, NOISE)
 
     x_row = x_ptr + slot.to(tl.int64) * D                         # x is read once per tile: (1, P)
     out_rows = out_ptr + (row0 + r).to(tl.int64)[:, None] * s0
@@ -295,6 +319,9 @@ def _perturb_cl_kernel(x_ptr, out_ptr, params_ptr, lam, k0, k1, slot, image, fir
     group = ((e0 // (4 * LANE)) * LANE + t).to(tl.uint32)
     w0, w1, w2, w3 = philox4x32(group, copy[:, None], image_u[:, None],
                                 tl.zeros([1, 1], dtype=tl.uint32), k0u, k1u)
+    t0, t1, t2, t3 = w0, w1, w2, w3
+    if NOISE == 1:
+        t0, t1, t2, t3 = _laplace_tail_words(w0, w1, w2, w3, group, copy[:, None], image_u[:, None], k0u, k1u)
     rr = 0.0
     face = 0.0
     jj = 0
@@ -304,7 +331,7 @@ def _perturb_cl_kernel(x_ptr, out_ptr, params_ptr, lam, k0, k1, slot, image, fir
         rr = rad[:, None]
         face = rr * sgn[:, None]
         jj = j[:, None]
-    eps0, eps1, eps2, eps3 = _eps4(w0, w1, w2, w3, e0, lam, rr, face, jj, NOISE)
+    eps0, eps1, eps2, eps3 = _eps4(w0, w1, w2, w3, t0, t1, t2, t3, e0, lam, rr, face, jj, NOISE)
 
     x_img = x_ptr + slot.to(tl.int64) * D
     out_row = out_ptr + (row0 + row).to(tl.int64) * s0
@@ -586,7 +613,12 @@ def noise_reference(noise, shape: tuple, seed: int, image_index: int = 0, first_
         n = torch.where(lane % 2 == 0, rad * torch.cos(th), rad * torch.sin(th))
         eps = lam32 * n
     elif name == "laplace":
-        mag = -torch.log(_u31_ref(w))
+        m = w & 0x7FFFFFFF
+        u = (m.to(_F32) + 0.5) * TWO_M31
+        if bool((m == 0).any()):            # U31's first cell, refined by the TAG_LAPLACE_TAIL words
+            tail = group_words(seed, image_index, copy_index, dim, TAG_LAPLACE_TAIL)[:, group, lane]
+            u = torch.where(m == 0, ((tail & 0x7FFFFFFF).to(_F32) + 0.5) * 2.0 ** -62, u)
+        mag = -torch.log(u)
         eps = lam32 * torch.where(w >= 2 ** 31, -mag, mag)
     elif name == "uniform":
         eps = lam32 * _s32_ref(w)
@@ -629,7 +661,7 @@ def sampler_tv_bound(noise, dim: int) -> float:
     if name == "gaussian":
         return gaussian_pairs(dim) * 2.0 ** -39
     if name == "laplace":
-        return dim * TWO_M31
+        return dim * 2.0 ** -62
     if name == "uniform":
         return 0.0
     if name == "expinf":

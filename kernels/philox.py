@@ -30,7 +30,9 @@ elements, one Philox call feeds four elements 128 apart, so a program stores fou
 of 128 elements and every Philox word is used (no 64-bit offset arithmetic: copies * d exceeding
 2^32, as for ImageNet, is no concern since copy and element sit in different counter words).
 Per-copy draws (ExpInf's radius, face and sign) use the tags TAG_GAMMA (c0 = rejection iteration)
-and TAG_COPY (c0 = 0). Limits: copy index, image index < 2^32, d < 2^31.
+and TAG_COPY (c0 = 0). The rare Laplace element whose 31 magnitude bits are all zero takes word
+``lane`` of Philox(group, copy, image, TAG_LAPLACE_TAIL) for 31 more bits.
+Limits: copy index, image index < 2^32, d < 2^31.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ CHUNK = 4 * LANE_RUN        # elements fed by LANE_RUN Philox calls
 TAG_ELEMENT = 0             # c3 of the per-element noise words
 TAG_GAMMA = 1               # c3 of ExpInf's Marsaglia-Tsang iterations (c0 = iteration)
 TAG_COPY = 2                # c3 of ExpInf's face index, sign and boost uniform (c0 = 0)
+TAG_LAPLACE_TAIL = 3        # c3 of the Laplace magnitude's refinement words (same c0 as the element)
 
 
 def split_seed(seed: int) -> tuple[int, int]:
@@ -153,13 +156,13 @@ def noise_counters(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return group, lane
 
 
-def group_words(seed: int, image_index, copy_index, dim: int) -> torch.Tensor:
-    """The Philox words of every element group of copies: int64 (len(copy_index), groups, 4) of
-    uint32 values. ``image_index`` and ``copy_index`` are ints or 1-D int64 tensors (broadcast
+def group_words(seed: int, image_index, copy_index, dim: int, tag: int = TAG_ELEMENT) -> torch.Tensor:
+    """The Philox words (stream ``tag``) of every element group of copies: int64 (len(copy_index),
+    groups, 4) of uint32 values. ``image_index`` and ``copy_index`` are ints or 1-D int64 tensors (broadcast
     together)."""
     copy_index = torch.as_tensor(copy_index, dtype=torch.int64).reshape(-1, 1)
     image_index = torch.as_tensor(image_index, dtype=torch.int64).reshape(-1, 1)
     k0, k1 = split_seed(seed)
     ngroups = math.ceil(dim / CHUNK) * LANE_RUN
     groups = torch.arange(ngroups, dtype=torch.int64).reshape(1, -1)
-    return torch.stack(philox4x32_reference(groups, copy_index, image_index, TAG_ELEMENT, k0, k1), -1)
+    return torch.stack(philox4x32_reference(groups, copy_index, image_index, tag, k0, k1), -1)

@@ -200,10 +200,39 @@ def test_box_muller_reach_and_angle_range():
     assert float(th[2]) == -float(th[3]) and float(th[0]) == -float(th[1])  # S24 is symmetric
 
 
+# Copies of a 3 x 32 x 32 image (seed 0, image 0) whose Laplace word at one element has its 31
+# magnitude bits all zero (word 0x80000000), found by a search over 7e5 copies x 768 Philox groups:
+# (copy, element).
+LAPLACE_FIRST_CELL_HITS = [(235062, 2607), (423471, 1519)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("copy, element", LAPLACE_FIRST_CELL_HITS)
+def test_laplace_first_cell_is_refined(copy, element, layout):
+    """U31's first cell (probability 2^-31 per element: the Laplace tail past 31 log 2 lambda, which
+    the 31-bit sampler put at the single value 32 log 2 lambda) takes 31 more bits from the
+    TAG_LAPLACE_TAIL word of the same counter; the kernel equals its reference there."""
+    noise = make_noise("laplace", scale=0.3)
+    (group,), (lane,) = (t[[element]].tolist() for t in pk.noise_counters(3072))
+    assert int(pk.group_words(0, 0, torch.tensor([copy]), 3072)[0, group, lane]) == 0x80000000
+    tail = int(pk.group_words(0, 0, torch.tensor([copy]), 3072, pk.TAG_LAPLACE_TAIL)[0, group, lane])
+    expected = -0.3 * -math.log(((tail & 0x7FFFFFFF) + 0.5) * 2.0 ** -62)      # top bit set: negative
+    out = torch.zeros(3, 3, 32, 32, device=DEVICE)
+    if layout == "channels_last":
+        out = out.to(memory_format=torch.channels_last)
+    perturb_packed(out, torch.zeros(1, 3, 32, 32, device=DEVICE), [(0, 0, copy - 1, 3, 0)], noise, 0)
+    ref = noise_reference(noise, (3, 32, 32), 0, 0, copy - 1, 3)
+    assert_matches(out, ref)
+    value = float(out.reshape(3, -1)[1, element])
+    assert value == pytest.approx(expected, rel=1e-6) and value <= -0.3 * 31 * math.log(2)
+    assert value != pytest.approx(-0.3 * 32 * math.log(2), rel=1e-3)       # not the cell's midpoint
+    assert float(ref.reshape(3, -1)[[0, 2]].abs().max()) < 0.3 * 31 * math.log(2)
+
+
 def test_tv_bounds():
     d = 3072
     assert sampler_tv_bound(make_noise("uniform", sigma=1), d) == 0.0
-    assert sampler_tv_bound(make_noise("laplace", sigma=1), d) == d * 2.0 ** -31
+    assert sampler_tv_bound(make_noise("laplace", sigma=1), d) == d * 2.0 ** -62
     assert sampler_tv_bound(make_noise("gaussian", sigma=1), d) == d / 2 * 2.0 ** -39
     assert sampler_tv_bound(make_noise("gaussian", sigma=1), 150528) < 1.4e-7  # ImageNet: 75264 pairs
     assert sampler_tv_bound(make_noise("expinf", k=1, sigma=1), d) < 2e-9
