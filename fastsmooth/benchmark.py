@@ -64,6 +64,7 @@ class Workload:
     sigma: float = 0.25
     precision: str = "auto"
     backend: str = "auto"
+    compile: bool = False
     device: Optional[str] = None
     seed: int = 0
     alpha: float = 0.001
@@ -158,7 +159,7 @@ class Runners:
         self.reference_model = copy.deepcopy(w.model).to(self.device).float().eval()
         self.noise = Gaussian(sigma=w.sigma)
         self.smooth = Smooth(w.model, w.num_classes, self.noise, backend=w.backend, precision=w.precision,
-                             seed=w.seed, device=self.device)
+                             seed=w.seed, device=self.device, compile=w.compile)
         s = self.smooth.sampler
         s.prepare(tuple(w.shape))  # resolve the "auto" choices before the buffer is made and the config read
         self.engine = dict(self.smooth.metadata)
@@ -219,7 +220,8 @@ class Runners:
         layout = "channels_last" if e.get("channels_last") else "NCHW"
         graph = ", CUDA graph" if self.smooth.sampler.cuda_graph else ""
         micro = f" in {e['micro_batch']}s" if e.get("micro_batch") else ""
-        base = f"{e.get('precision')}, {layout}, batch {self.workload.batch}{micro}{graph}"
+        compiled = ", compiled" if e.get("compile") else ""
+        base = f"{e.get('precision')}, {layout}, batch {self.workload.batch}{micro}{compiled}{graph}"
         return base if name == "bare" else f"{base}, {e.get('backend')} backend"
 
 
@@ -318,6 +320,8 @@ class Measurement:
             "seconds": {m: list(v) for m, v in self.seconds.items()},
             "cpu_seconds": {m: list(v) for m, v in self.cpu_seconds.items()},
             "warmup_seconds": dict(self.warmup_seconds),
+            # torch.compile's one-time cost (the first forward of each batch shape, in the warm-ups)
+            "compile_seconds": r.smooth.sampler.compile_seconds,
         }
         rec["device_facts"] = facts if facts is not None else device_facts(r.device)
         return rec
@@ -433,13 +437,15 @@ def format_table(record: dict) -> str:
         f"work    : {record['copies']:,} noisy copies per method = {record['images']} image(s) x "
         f"(n0 {record['n0']} + n {record['n']:,}), batch {record['batch']}, Gaussian sigma {record['sigma']}",
         f"engine  : backend {e.get('backend')}, precision {e.get('precision')}, channels_last "
-        f"{e.get('channels_last')}, device {e.get('device')}",
+        f"{e.get('channels_last')}, device {e.get('device')}"
+        + (f", torch.compile (one-time cost {record.get('compile_seconds', 0):.1f} s, in the warm-up)"
+           if e.get("compile") else ""),
         "",
-        f"{'method':<30} {'configuration':<58} {'best s':>9} {'copies/s':>11} {'median copies/s':>16}",
+        f"{'method':<30} {'configuration':<66} {'best s':>9} {'copies/s':>11} {'median copies/s':>16}",
     ]
     for m in METHODS:
         times = record["seconds"].get(m) or []
-        lines.append(f"{LABELS[m]:<30} {record['configs'][m]:<58} {_fmt(min(times) if times else None, '9.3f')} "
+        lines.append(f"{LABELS[m]:<30} {record['configs'][m]:<66} {_fmt(min(times) if times else None, '9.3f')} "
                      f"{_fmt(record['copies_per_s'][m], '11,.0f')} {_fmt(record['copies_per_s_median'][m], '16,.0f')}")
     device_type = (e.get("device") or "cpu").split(":")[0]
     speed, over = record["reference_over_fastsmooth"], record["fastsmooth_over_bare"]
@@ -474,6 +480,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sigma", type=float, default=0.25, help="Gaussian noise level (default 0.25)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--compile", action="store_true",
+                        help="run the engine's model (bare forward and certify) through torch.compile; the "
+                             "reference loop stays eager, as Cohen et al. ran it")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds after one warm-up (default 3)")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference loop (slow on big models)")
@@ -495,7 +504,7 @@ def run(args: argparse.Namespace) -> int:
     model, num_classes, shape, name = make_model(args.arch, args.dataset, args.sigma, device, args.model)
     workload = Workload(name, model, num_classes, shape, n0=args.n0, n=copies, images=args.images,
                         batch=args.batch, sigma=args.sigma, precision=args.precision, backend=args.backend,
-                        device=str(device))
+                        compile=args.compile, device=str(device))
     methods = [m for m in METHODS if not (args.no_reference and m == "reference")]
     print(f"fastsmooth bench: {name}: 1 warm-up + {args.rounds} rounds of {', '.join(methods)} "
           f"({workload.copies:,} copies each)...", file=sys.stderr, flush=True)

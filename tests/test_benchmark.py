@@ -42,6 +42,18 @@ def test_bench_a_checkpoint_without_the_reference(capsys, tmp_path):
     assert "fastsmooth / bare" in text
 
 
+@pytest.mark.slow  # inductor compiles C++ for the CPU: about 10 s here
+def test_bench_compiled_engine_reports_its_one_time_cost(capsys, tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", *TINY, "--compile", "--no-reference", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert record["engine"]["compile"] is True and record["compile_seconds"] > 0
+    assert "compiled" in record["configs"]["bare"] and "compiled" in record["configs"]["fastsmooth"]
+    assert "compiled" not in record["configs"]["reference"]
+    assert f"torch.compile (one-time cost {record['compile_seconds']:.1f} s" in text
+
+
 def test_bench_rejects_bad_sizes(capsys):
     assert main(["bench", *TINY[:-6], "--copies", "0"]) == 2
     assert "--copies must be > 0" in capsys.readouterr().err
