@@ -105,24 +105,36 @@ def _box_muller(wa, wb):
 
 
 @triton.jit
-def _signed_exp(ws, ts):
-    """Laplace's signed -log U: U = U31(ws), refined by 31 bits of ts on U31's first cell."""
-    m = ws & 0x7FFFFFFF
-    u = tl.where(m == 0, ((ts & 0x7FFFFFFF).to(tl.float32) + 0.5) * 2.168404344971009e-19,
-                 (m.to(tl.float32) + 0.5) * 4.656612873077393e-10)
-    mag = -tl.log(u)
+def _signed_exp(ws):
+    mag = -tl.log(_u31(ws))
     return tl.where(ws < 0, -mag, mag)
 
 
 @triton.jit
-def _laplace_tail_words(w0, w1, w2, w3, group, copy, image, k0, k1):
-    """The refinement words of a Laplace tile: drawn only when some word of the tile has its 31 low
-    bits all zero (the tile's words are returned unused otherwise; _signed_exp reads ts only there)."""
-    m = tl.minimum(tl.minimum(w0 & 0x7FFFFFFF, w1 & 0x7FFFFFFF), tl.minimum(w2 & 0x7FFFFFFF, w3 & 0x7FFFFFFF))
-    if tl.min(m) == 0:
+def _signed_exp_first_cell(ws, ts):
+    """_signed_exp of a word whose 31 low bits are zero: U on U31's first cell from 31 bits of ts."""
+    mag = -tl.log(((ts & 0x7FFFFFFF).to(tl.float32) + 0.5) * 2.168404344971009e-19)
+    return tl.where(ws < 0, -mag, mag)
+
+
+@triton.jit
+def _laplace_first_cell(w0, w1, w2, w3, eps0, eps1, eps2, eps3, lam, group, copy, image, k0, k1):
+    """Laplace noise of a tile with the first cells of U31 refined. The refinement words are drawn,
+    and the four lanes recomputed, only in a tile where some word has its 31 low bits all zero
+    (about once in 2^22 tiles); elsewhere this costs one min-reduction over the tile."""
+    low = tl.minimum(tl.minimum(w0 & 0x7FFFFFFF, w1 & 0x7FFFFFFF), tl.minimum(w2 & 0x7FFFFFFF, w3 & 0x7FFFFFFF))
+    if tl.min(low) == 0:
         tag = tl.zeros([1, 1], dtype=tl.uint32) + 3                     # TAG_LAPLACE_TAIL
-        w0, w1, w2, w3 = philox4x32(group, copy, image, tag, k0, k1)
-    return w0, w1, w2, w3
+        t0, t1, t2, t3 = philox4x32(group, copy, image, tag, k0, k1)
+        eps0 = tl.where((w0 & 0x7FFFFFFF) == 0, lam * _signed_exp_first_cell(w0.to(tl.int32, bitcast=True),
+                                                                          t0.to(tl.int32, bitcast=True)), eps0)
+        eps1 = tl.where((w1 & 0x7FFFFFFF) == 0, lam * _signed_exp_first_cell(w1.to(tl.int32, bitcast=True),
+                                                                          t1.to(tl.int32, bitcast=True)), eps1)
+        eps2 = tl.where((w2 & 0x7FFFFFFF) == 0, lam * _signed_exp_first_cell(w2.to(tl.int32, bitcast=True),
+                                                                          t2.to(tl.int32, bitcast=True)), eps2)
+        eps3 = tl.where((w3 & 0x7FFFFFFF) == 0, lam * _signed_exp_first_cell(w3.to(tl.int32, bitcast=True),
+                                                                          t3.to(tl.int32, bitcast=True)), eps3)
+    return eps0, eps1, eps2, eps3
 
 
 @triton.jit
@@ -177,10 +189,10 @@ def _bf16_bits_rtne(y):
 
 
 @triton.jit
-def _eps4(w0, w1, w2, w3, t0, t1, t2, t3, e0, lam, rr, face, jj, NOISE: tl.constexpr):
-    """float32 noise of the four lanes fed by one Philox call: elements e0 + 128 l, l = 0..3.
-    Laplace: t0..t3 = the tile's refinement words. ExpInf: rr = radius, face = +-radius, jj = face
-    index (broadcastable against e0)."""
+def _eps4(w0, w1, w2, w3, e0, lam, rr, face, jj, NOISE: tl.constexpr):
+    """float32 noise of the four lanes fed by one Philox call: elements e0 + 128 l, l = 0..3
+    (Laplace before _laplace_first_cell). ExpInf: rr = radius, face = +-radius, jj = face index
+    (broadcastable against e0)."""
     w0 = w0.to(tl.int32, bitcast=True)
     w1 = w1.to(tl.int32, bitcast=True)
     w2 = w2.to(tl.int32, bitcast=True)
@@ -193,10 +205,10 @@ def _eps4(w0, w1, w2, w3, t0, t1, t2, t3, e0, lam, rr, face, jj, NOISE: tl.const
         eps2 = lam * n2
         eps3 = lam * n3
     elif NOISE == 1:
-        eps0 = lam * _signed_exp(w0, t0.to(tl.int32, bitcast=True))
-        eps1 = lam * _signed_exp(w1, t1.to(tl.int32, bitcast=True))
-        eps2 = lam * _signed_exp(w2, t2.to(tl.int32, bitcast=True))
-        eps3 = lam * _signed_exp(w3, t3.to(tl.int32, bitcast=True))
+        eps0 = lam * _signed_exp(w0)
+        eps1 = lam * _signed_exp(w1)
+        eps2 = lam * _signed_exp(w2)
+        eps3 = lam * _signed_exp(w3)
     elif NOISE == 2:
         eps0 = lam * _s32(w0)
         eps1 = lam * _s32(w1)
@@ -256,10 +268,6 @@ def _perturb_kernel(x_ptr, out_ptr, params_ptr, lam, k0, k1, slot, image, first_
 
     w0, w1, w2, w3 = philox4x32(group[None, :], copy[:, None], image_u[:, None],
                                 tl.zeros([1, 1], dtype=tl.uint32), k0u, k1u)
-    t0, t1, t2, t3 = w0, w1, w2, w3
-    if NOISE == 1:
-        t0, t1, t2, t3 = _laplace_tail_words(w0, w1, w2, w3, group[None, :], copy[:, None], image_u[:, None],
-                                             k0u, k1u)
     rr = 0.0
     face = 0.0
     jj = 0
@@ -268,7 +276,10 @@ def _perturb_kernel(x_ptr, out_ptr, params_ptr, lam, k0, k1, slot, image, first_
         rr = rad[:, None]
         face = rr * sgn[:, None]
         jj = j[:, None]
-    eps0, eps1, eps2, eps3 = _eps4(w0, w1, w2, w3, t0, t1, t2, t3, e0, lam, rr, face, jj, NOISE)
+    eps0, eps1, eps2, eps3 = _eps4(w0, w1, w2, w3, e0, lam, rr, face, jj, NOISE)
+    if NOISE == 1:
+        eps0, eps1, eps2, eps3 = _laplace_first_cell(w0, w1, w2, w3, eps0, eps1, eps2, eps3, lam, group[None, :],
+                                                     copy[:, None], image_u[:, None], k0u, k1u)
 
     x_row = x_ptr + slot.to(tl.int64) * D                         # x is read once per tile: (1, P)
     out_rows = out_ptr + (row0 + r).to(tl.int64)[:, None] * s0
@@ -319,9 +330,6 @@ def _perturb_cl_kernel(x_ptr, out_ptr, params_ptr, lam, k0, k1, slot, image, fir
     group = ((e0 // (4 * LANE)) * LANE + t).to(tl.uint32)
     w0, w1, w2, w3 = philox4x32(group, copy[:, None], image_u[:, None],
                                 tl.zeros([1, 1], dtype=tl.uint32), k0u, k1u)
-    t0, t1, t2, t3 = w0, w1, w2, w3
-    if NOISE == 1:
-        t0, t1, t2, t3 = _laplace_tail_words(w0, w1, w2, w3, group, copy[:, None], image_u[:, None], k0u, k1u)
     rr = 0.0
     face = 0.0
     jj = 0
@@ -331,7 +339,10 @@ def _perturb_cl_kernel(x_ptr, out_ptr, params_ptr, lam, k0, k1, slot, image, fir
         rr = rad[:, None]
         face = rr * sgn[:, None]
         jj = j[:, None]
-    eps0, eps1, eps2, eps3 = _eps4(w0, w1, w2, w3, t0, t1, t2, t3, e0, lam, rr, face, jj, NOISE)
+    eps0, eps1, eps2, eps3 = _eps4(w0, w1, w2, w3, e0, lam, rr, face, jj, NOISE)
+    if NOISE == 1:
+        eps0, eps1, eps2, eps3 = _laplace_first_cell(w0, w1, w2, w3, eps0, eps1, eps2, eps3, lam, group,
+                                                     copy[:, None], image_u[:, None], k0u, k1u)
 
     x_img = x_ptr + slot.to(tl.int64) * D
     out_row = out_ptr + (row0 + row).to(tl.int64) * s0
