@@ -8,7 +8,8 @@
 
 Each kernel has a pure-torch reference beside it: perturb_reference, perturb_packed_reference,
 noise_reference, vote_reference, and philox4x32_reference for the random stream itself.
-On a machine without a GPU, set TRITON_INTERPRET=1 before triton is imported.
+On a machine without a GPU, set TRITON_INTERPRET=1 before triton is imported to run them, and
+`python -m fastsmooth.kernels.cross_compile` to check that every launch variant compiles for a GPU.
 """
 
 from .backend import TritonBackend

@@ -64,12 +64,18 @@ def vote(logits: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor, nonfin
         return
     check_device(logits)
     slots = slots.to(device=logits.device, dtype=torch.int64).contiguous()
-    BK = min(triton.next_power_of_2(K), 2048 if logits.device.type == "cuda" else 4096)
-    ROWS = max(1, min(triton.next_power_of_2(B), (2048 if logits.device.type == "cuda" else 16384) // BK))
+    ROWS, BK, warps = launch_config(B, K, logits.device.type)
     grid = (triton.cdiv(B, ROWS),)
     _vote_kernel[grid](logits, slots, counts, nonfinite, B, K, logits.stride(0), logits.stride(1),
-                       counts.stride(0), counts.stride(1), ROWS=ROWS, BK=BK,
-                       num_warps=4 if ROWS * BK <= 1024 else 8)
+                       counts.stride(0), counts.stride(1), ROWS=ROWS, BK=BK, num_warps=warps)
+
+
+def launch_config(rows: int, classes: int, device_type: str) -> tuple[int, int, int]:
+    """(ROWS, BK, num_warps) of the vote kernel for ``rows`` rows of ``classes`` logits: blocks of BK
+    classes, at most 2048 elements per program on a GPU (larger blocks in the interpreter)."""
+    BK = min(triton.next_power_of_2(classes), 2048 if device_type == "cuda" else 4096)
+    ROWS = max(1, min(triton.next_power_of_2(rows), (2048 if device_type == "cuda" else 16384) // BK))
+    return ROWS, BK, 4 if ROWS * BK <= 1024 else 8
 
 
 def vote_reference(logits: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor,
