@@ -430,6 +430,7 @@ def format_table(record: dict) -> str:
     """The human table of one record (see ``Measurement.record``)."""
     facts = record.get("device_facts") or {}
     e = record["engine"]
+    width = max(len("configuration"), *(len(c) for c in record["configs"].values()))
     lines = [
         f"machine : {summary(facts) if facts else '?'}",
         f"model   : {record['model']}, input {'x'.join(map(str, record['input_shape']))}, "
@@ -441,11 +442,11 @@ def format_table(record: dict) -> str:
         + (f", torch.compile (one-time cost {record.get('compile_seconds', 0):.1f} s, in the warm-up)"
            if e.get("compile") else ""),
         "",
-        f"{'method':<30} {'configuration':<66} {'best s':>9} {'copies/s':>11} {'median copies/s':>16}",
+        f"{'method':<30} {'configuration':<{width}} {'best s':>9} {'copies/s':>11} {'median copies/s':>16}",
     ]
     for m in METHODS:
         times = record["seconds"].get(m) or []
-        lines.append(f"{LABELS[m]:<30} {record['configs'][m]:<66} {_fmt(min(times) if times else None, '9.3f')} "
+        lines.append(f"{LABELS[m]:<30} {record['configs'][m]:<{width}} {_fmt(min(times) if times else None, '9.3f')} "
                      f"{_fmt(record['copies_per_s'][m], '11,.0f')} {_fmt(record['copies_per_s_median'][m], '16,.0f')}")
     device_type = (e.get("device") or "cpu").split(":")[0]
     speed, over = record["reference_over_fastsmooth"], record["fastsmooth_over_bare"]

@@ -11,15 +11,16 @@ Triton must be imported without TRITON_INTERPRET, so this runs in its own proces
 
     python -m fastsmooth.kernels.cross_compile [--arch 90] [--list]
 
-It prints one line per variant and exits 1 if any variant fails to compile. Values are not
-specialized (no divisibility hints), so the code may differ slightly from what a launch on a GPU
-generates; the check is that it lowers, not how fast it runs.
+It prints one line per variant and exits 1 if any variant fails to compile. Integer arguments are
+typed i32 (one variant types them all i64, as a launch does for values >= 2^31, such as large seeds
+and image or copy indices); values are not specialized (no divisibility hints), so the code may
+differ slightly from what a launch on a GPU generates: the check is that it lowers, not how fast it
+runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -34,11 +35,12 @@ CASES = (((3, 32, 32), "bfloat16", "channels_last"), ((3, 32, 32), "float32", "c
 
 def _perturb_variants():
     """(label, kernel, signature, constexprs, options) of the perturbation kernels, with the tile
-    configurations that ``perturb_packed`` chooses on CUDA."""
+    configurations and compiler options that ``perturb_packed`` uses on CUDA."""
     import importlib
     import math
 
     pk = importlib.import_module("fastsmooth.kernels.perturb")
+    wide = None
     for noise in NOISES:
         boosts = (False, True) if noise == "expinf" else (False,)
         for (shape, dtype, layout) in CASES:
@@ -52,7 +54,7 @@ def _perturb_variants():
                     sig = dict(common, row0=INT32, D=INT32, C=INT32, HW=INT32, s0=INT32)
                     const = dict(NOISE=pk.NOISE_IDS[noise], CP=cfg["CP"], PG=cfg["PG"], BOOST=boost,
                                  MAX_IT=pk.MAX_GAMMA_ITERATIONS, BF16_BITS=False)
-                    yield label, pk._perturb_cl_kernel, sig, const, cfg["num_warps"]
+                    yield label, pk._perturb_cl_kernel, sig, const, dict(pk.CUDA_OPTIONS, num_warps=cfg["num_warps"])
                 else:
                     cfg = pk.choose_config(dim, 1000, "cuda", noise)
                     sig = dict(common, count=INT32, row0=INT32, D=INT32, D2=INT32, D3=INT32, s0=INT32,
@@ -60,7 +62,12 @@ def _perturb_variants():
                     const = dict(NOISE=pk.NOISE_IDS[noise], ROWS=cfg["ROWS"], P=cfg["P"],
                                  CONTIG=layout == "contiguous", BOOST=boost, MAX_IT=pk.MAX_GAMMA_ITERATIONS,
                                  BF16_BITS=False)
-                    yield label, pk._perturb_kernel, sig, const, cfg["num_warps"]
+                    options = dict(pk.CUDA_OPTIONS, num_warps=cfg["num_warps"])
+                    if wide is None and layout == "contiguous" and noise == "laplace":
+                        wide = (label + " i64", pk._perturb_kernel,
+                                {k: "i64" if v == INT32 else v for k, v in sig.items()}, const, options)
+                    yield label, pk._perturb_kernel, sig, const, options
+    yield wide
 
 
 def _vote_variants():
@@ -72,7 +79,7 @@ def _vote_variants():
             rows, block, warps = vk.launch_config(1000, classes, "cuda")
             sig = dict(logits_ptr=POINTER[dtype], slots_ptr="*i64", counts_ptr="*i64", nonfinite_ptr="*i64",
                        B=INT32, K=INT32, stride_b=INT32, stride_k=INT32, stride_cm=INT32, stride_ck=INT32)
-            yield f"vote {dtype} K={classes}", vk._vote_kernel, sig, dict(ROWS=rows, BK=block), warps
+            yield f"vote {dtype} K={classes}", vk._vote_kernel, sig, dict(ROWS=rows, BK=block), {"num_warps": warps}
 
 
 def variants():
@@ -85,24 +92,25 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (default 90: H100/H200)")
     ap.add_argument("--list", action="store_true", help="list the variants and exit")
     args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    import triton
+
+    from .perturb import interpreting
+    if interpreting():
         print("cross_compile: unset TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
         return 2
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", args.arch, 32)
     failed = 0
-    for label, kernel, sig, const, warps in variants():
+    for label, kernel, sig, const, options in variants():
         if args.list:
             print(label)
             continue
         start = time.perf_counter()
         try:
-            # the launchers' options on CUDA: no fused multiply-add contraction (perturb.py)
             compiled = triton.compile(ASTSource(kernel, {**sig, **{k: "constexpr" for k in const}}, const),
-                                      target=target, options={"num_warps": warps, "enable_fp_fusion": False})
+                                      target=target, options=options)
             size = len(compiled.asm["cubin"])
             print(f"ok    sm_{args.arch}  {label}  ({size:,} bytes of cubin, {time.perf_counter() - start:.1f} s)")
         except Exception as exc:  # report every failing variant, not only the first

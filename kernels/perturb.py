@@ -23,8 +23,8 @@ Samplers (w: one 32-bit Philox word, read as int32 bits ws; 2^-31 = 4.6566128730
 * Laplace: eps = lambda * sign * (-log U), sign = the top bit of w, U = U31(w) -- except on the
   first cell of U31 (the 31 low bits of w all zero, probability 2^-31), where U is refined to
   ((t & 0x7FFFFFFF) + 0.5) * 2^-62 with t the element's word of Philox(..., TAG_LAPLACE_TAIL), i.e.
-  62 bits in all. A tile draws those words only when one of its words needs them (about once in
-  2^22 tiles), so the refinement costs one reduction per tile. Written as -log of a uniform on
+  62 bits in all. A tile draws those words only when one of its words needs them (probability
+  about 2^-21 for a tile of 1024 elements), so the refinement costs one reduction per tile. Written as -log of a uniform on
   (0, 1] so that no value is infinite (DESIGN §5); the magnitude bits and the sign bit are independent.
 * Uniform: eps = lambda S32(w).
 * ExpInf(k): per copy, s ~ Gamma(d/k, 1) by Marsaglia & Tsang (2000) in float64 (shape < 1 through
@@ -66,6 +66,9 @@ from .philox import (CHUNK, LANE_RUN, TAG_COPY, TAG_GAMMA, TAG_LAPLACE_TAIL, gro
 NOISE_IDS = {"gaussian": 0, "laplace": 1, "uniform": 2, "expinf": 3}
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_GAMMA_ITERATIONS = 64
+# Compiler options of every launch on CUDA: no fused multiply-add contraction, so that the noise is
+# the same float32 arithmetic as the reference's.
+CUDA_OPTIONS = {"enable_fp_fusion": False}
 TWO_M31 = 2.0 ** -31
 
 # ------------------------------------------------------------------------------------------
@@ -105,35 +108,38 @@ def _box_muller(wa, wb):
 
 
 @triton.jit
-def _signed_exp(ws):
-    mag = -tl.log(_u31(ws))
+def _signed_neglog(ws, u):
+    """-log u with the sign of the word ws (its top bit)."""
+    mag = -tl.log(u)
     return tl.where(ws < 0, -mag, mag)
 
 
 @triton.jit
-def _signed_exp_first_cell(ws, ts):
-    """_signed_exp of a word whose 31 low bits are zero: U on U31's first cell from 31 bits of ts."""
-    mag = -tl.log(((ts & 0x7FFFFFFF).to(tl.float32) + 0.5) * 2.168404344971009e-19)
-    return tl.where(ws < 0, -mag, mag)
+def _signed_exp(ws):
+    return _signed_neglog(ws, _u31(ws))
+
+
+@triton.jit
+def _refine_first_cell(w, t, eps, lam):
+    """A Laplace lane whose word w has its 31 low bits all zero (U31's first cell) takes
+    U = ((t & 0x7FFFFFFF) + 0.5) 2^-62 from its refinement word t; other lanes keep eps."""
+    u = ((t & 0x7FFFFFFF).to(tl.float32) + 0.5) * 2.168404344971009e-19
+    return tl.where((w & 0x7FFFFFFF) == 0, lam * _signed_neglog(w.to(tl.int32, bitcast=True), u), eps)
 
 
 @triton.jit
 def _laplace_first_cell(w0, w1, w2, w3, eps0, eps1, eps2, eps3, lam, group, copy, image, k0, k1):
     """Laplace noise of a tile with the first cells of U31 refined. The refinement words are drawn,
     and the four lanes recomputed, only in a tile where some word has its 31 low bits all zero
-    (about once in 2^22 tiles); elsewhere this costs one min-reduction over the tile."""
+    (probability about 2^-21 for a tile of 1024 elements); elsewhere this costs one min-reduction."""
     low = tl.minimum(tl.minimum(w0 & 0x7FFFFFFF, w1 & 0x7FFFFFFF), tl.minimum(w2 & 0x7FFFFFFF, w3 & 0x7FFFFFFF))
     if tl.min(low) == 0:
         tag = tl.zeros([1, 1], dtype=tl.uint32) + 3                     # TAG_LAPLACE_TAIL
         t0, t1, t2, t3 = philox4x32(group, copy, image, tag, k0, k1)
-        eps0 = tl.where((w0 & 0x7FFFFFFF) == 0, lam * _signed_exp_first_cell(w0.to(tl.int32, bitcast=True),
-                                                                          t0.to(tl.int32, bitcast=True)), eps0)
-        eps1 = tl.where((w1 & 0x7FFFFFFF) == 0, lam * _signed_exp_first_cell(w1.to(tl.int32, bitcast=True),
-                                                                          t1.to(tl.int32, bitcast=True)), eps1)
-        eps2 = tl.where((w2 & 0x7FFFFFFF) == 0, lam * _signed_exp_first_cell(w2.to(tl.int32, bitcast=True),
-                                                                          t2.to(tl.int32, bitcast=True)), eps2)
-        eps3 = tl.where((w3 & 0x7FFFFFFF) == 0, lam * _signed_exp_first_cell(w3.to(tl.int32, bitcast=True),
-                                                                          t3.to(tl.int32, bitcast=True)), eps3)
+        eps0 = _refine_first_cell(w0, t0, eps0, lam)
+        eps1 = _refine_first_cell(w1, t1, eps1, lam)
+        eps2 = _refine_first_cell(w2, t2, eps2, lam)
+        eps3 = _refine_first_cell(w3, t3, eps3, lam)
     return eps0, eps1, eps2, eps3
 
 
@@ -512,7 +518,7 @@ def perturb_packed(out: torch.Tensor, xs: torch.Tensor, segments: Sequence, nois
     contig, (D1, D2, D3), (s1, s2, s3) = _inner_layout(out, shape)
     # channels last (C, HW) with HW a multiple of a chunk: the transposing kernel
     chlast = (not contig and D1 == 1 and s2 == 1 and s3 == D2 and D2 <= 16 and D3 % CHUNK == 0)
-    extra = {"enable_fp_fusion": False} if out.device.type == "cuda" else {}
+    extra = CUDA_OPTIONS if out.device.type == "cuda" else {}
     # bfloat16 rounding done in integer arithmetic where the interpreter runs (its cast truncates)
     bf16_bits = out.dtype == torch.bfloat16 and interpreting()
     target = out.view(torch.int16) if bf16_bits else out
@@ -625,7 +631,7 @@ def noise_reference(noise, shape: tuple, seed: int, image_index: int = 0, first_
         eps = lam32 * n
     elif name == "laplace":
         m = w & 0x7FFFFFFF
-        u = (m.to(_F32) + 0.5) * TWO_M31
+        u = _u31_ref(w)
         if bool((m == 0).any()):            # U31's first cell, refined by the TAG_LAPLACE_TAIL words
             tail = group_words(seed, image_index, copy_index, dim, TAG_LAPLACE_TAIL)[:, group, lane]
             u = torch.where(m == 0, ((tail & 0x7FFFFFFF).to(_F32) + 0.5) * 2.0 ** -62, u)
