@@ -80,10 +80,24 @@ def default_device() -> torch.device:
 
 def make_model(arch: str, dataset: Optional[str] = None, sigma: float = 0.25, device=None,
                checkpoint: Optional[str] = None) -> Tuple[nn.Module, int, Tuple[int, ...], str]:
-    """(model, num_classes, input shape CHW, name) for a checkpoint, a named architecture with random
-    weights, or ``arch="embedded"``: the embedded default model trained with Gaussian(sigma)."""
+    """(model, num_classes, input shape CHW, name) for a checkpoint, the user's own model
+    (``checkpoint="MODULE:FACTORY"``, with ``dataset`` fixing its input size and classes), a named
+    architecture with random weights, or ``arch="embedded"``: the embedded default model trained with
+    Gaussian(sigma)."""
     from . import data, models
 
+    def fixed_size(name: str):
+        info = data.get_info(name)
+        if info.shape is None or info.num_classes is None:
+            raise ValueError(f"dataset {info.name!r} fixes no input size or class count; use a fixed-size dataset")
+        return info
+
+    if checkpoint is not None and models.is_factory_spec(checkpoint):
+        if dataset is None:
+            raise ValueError(f"--model {checkpoint} needs --dataset: it fixes the input size and the classes")
+        info = fixed_size(dataset)
+        model = models.load_factory(checkpoint).eval()
+        return model, int(info.num_classes), tuple(info.shape), f"{checkpoint} ({info.name})"
     if checkpoint is not None:
         model, meta = models.load_checkpoint(checkpoint, dataset=dataset, device="cpu")
         info = data.get_info(meta["dataset"])
@@ -99,10 +113,7 @@ def make_model(arch: str, dataset: Optional[str] = None, sigma: float = 0.25, de
         model = embedded.default_model(Gaussian(sigma=sigma), device=device, progress=False)
         info = data.get_info(dataset)
         return model, int(info.num_classes), tuple(info.shape), f"embedded default model ({info.name})"
-    dataset = dataset or ("imagenet" if arch == "resnet50" else "cifar10")
-    info = data.get_info(dataset)
-    if info.shape is None or info.num_classes is None:
-        raise ValueError(f"dataset {info.name!r} fixes no input size or class count; use a fixed-size dataset")
+    info = fixed_size(dataset or ("imagenet" if arch == "resnet50" else "cifar10"))
     with torch.random.fork_rng(devices=[]):  # random weights, the same every run; caller's RNG untouched
         torch.manual_seed(0)
         model = models.get_architecture(arch, info).eval()
@@ -467,7 +478,9 @@ def format_table(record: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Certify throughput (noisy copies/s) of fastsmooth against Cohen et al.'s "
                           "reference loop and the bare model forward, for one model.")
-    parser.add_argument("--model", default=None, help="checkpoint {'arch','state_dict'} (default: --arch with random weights)")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint {'arch','state_dict'}, or MODULE:FACTORY for your own torch.nn.Module "
+                             "(FACTORY() returns it; give --dataset) (default: --arch with random weights)")
     parser.add_argument("--dataset", default=None, help="data set fixing input size and classes "
                         "(default: the checkpoint's; cifar10 for CIFAR architectures; mnist for embedded)")
     parser.add_argument("--arch", default="cifar_resnet20",

@@ -18,7 +18,6 @@ import datetime
 import importlib
 import math
 import os
-import re
 import sys
 import time
 
@@ -193,36 +192,6 @@ def _preflight_out(args) -> None:
             raise CliError(f"{present[0]} exists; pass --resume to continue it or --force to overwrite it")
 
 
-_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-
-
-def _is_factory(spec: str) -> bool:
-    return bool(_FACTORY.match(spec)) and not os.path.exists(spec)
-
-
-def _load_factory(spec: str) -> nn.Module:
-    """`--model MODULE:FACTORY`: the user's own code, named explicitly; nothing else is ever imported
-    from or run out of a file (checkpoints load with weights_only=True)."""
-    module_name, attr = spec.split(":")
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -m`: the console script leaves the cwd out
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise CliError(f"--model {spec}: cannot import {module_name} ({type(exc).__name__}: "
-                       f"{_first_line(exc)})") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise CliError(f"--model {spec}: {module_name} has no function {attr}")
-    try:
-        model = factory()
-    except Exception as exc:
-        raise CliError(f"--model {spec}: the factory failed ({type(exc).__name__}: {_first_line(exc)})") from None
-    if not isinstance(model, nn.Module):
-        raise CliError(f"--model {spec}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
 class _Guarded(nn.Module):
     """The base classifier, with a failing forward turned into one clear ModelError."""
 
@@ -269,8 +238,8 @@ def _setup(args, device: torch.device, show_progress: bool = True):
             raise CliError(f"unknown dataset {args.dataset!r}; known: {', '.join(sorted(data.DATASETS))}") from None
     ckpt_meta, model = {}, None
     if args.model is not None:
-        if _is_factory(args.model):
-            model = _load_factory(args.model)
+        if models.is_factory_spec(args.model):
+            model = models.load_factory(args.model)
         else:
             # The checkpoint knows its data set (normalization, classes) unless --dataset overrides it.
             model, ckpt_meta = models.load_checkpoint(args.model, dataset=args.dataset, device=device)
@@ -312,7 +281,7 @@ def _setup(args, device: torch.device, show_progress: bool = True):
         raise CliError(_first_line(exc)) from None
     model_name = "embedded"
     if args.model is not None:
-        model_name = args.model if _is_factory(args.model) else os.path.abspath(args.model)
+        model_name = args.model if models.is_factory_spec(args.model) else os.path.abspath(args.model)
     meta = {"command": args.command, "dataset": dataset_name, "split": args.split,
             "model": model_name, **smooth.metadata,
             "alpha": args.alpha, "n": args.n, "batch": args.batch, "skip": args.skip, "max": args.max,

@@ -20,6 +20,10 @@ prefixes, anywhere in a key (Cohen's ResNet-50 keys read "1.module.conv1.weight"
 
 from __future__ import annotations
 
+import importlib
+import os
+import re
+import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -40,6 +44,8 @@ __all__ = [
     "read_checkpoint",
     "load_checkpoint",
     "clean_state_dict",
+    "is_factory_spec",
+    "load_factory",
 ]
 
 ARCHITECTURES = ("cnn", "lenet", "cifar_resnet20", "cifar_resnet110", "resnet50")
@@ -50,6 +56,48 @@ _DEFAULT_DATASET = {"resnet50": "imagenet", "cifar_resnet20": "cifar10", "cifar_
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or does not match its architecture (one-line message)."""
+
+
+# -- the user's own model: `MODULE:FACTORY` ---------------------------------------------------------
+
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def is_factory_spec(spec: str) -> bool:
+    """True for ``MODULE:FUNCTION`` (and no file of that name exists)."""
+    return bool(_FACTORY.match(spec)) and not os.path.exists(spec)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_factory(spec: str) -> nn.Module:
+    """The model returned by FUNCTION() of MODULE, for ``spec = "MODULE:FUNCTION"``: the user's own
+    code, named explicitly (nothing is ever imported from or run out of a checkpoint, which loads with
+    weights_only=True). MODULE is looked up on sys.path and in the working directory.
+    Raises CheckpointError with a one-line message."""
+    module_name, attr = spec.split(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m`: the console script leaves the cwd out
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise CheckpointError(f"--model {spec}: cannot import {module_name} ({type(exc).__name__}: "
+                              f"{_first_line(exc)})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise CheckpointError(f"--model {spec}: {module_name} has no function {attr}")
+    try:
+        model = factory()
+    except Exception as exc:
+        raise CheckpointError(f"--model {spec}: the factory failed ({type(exc).__name__}: "
+                              f"{_first_line(exc)})") from None
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"--model {spec}: the factory returned a {type(model).__name__}, "
+                              "not a torch.nn.Module")
+    return model
 
 
 class NormalizeLayer(nn.Module):

@@ -54,6 +54,21 @@ def test_bench_compiled_engine_reports_its_one_time_cost(capsys, tmp_path):
     assert f"torch.compile (one-time cost {record['compile_seconds']:.1f} s" in text
 
 
+def test_bench_the_users_own_model_by_factory(capsys, tmp_path):
+    """`--model MODULE:FACTORY` as in certify (tests/_cli_models.py); --dataset fixes shape and classes."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", "_cli_models:cnn", "--dataset", "digits", "--copies", "40", "--n0", "8",
+            "--batch", "16", "--rounds", "1", "--device", "cpu", "--json", str(out)]
+    assert main(args) == 0
+    assert "model   : _cli_models:cnn (digits), input 1x8x8, 10 classes" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert record["input_shape"] == [1, 8, 8] and all(v > 0 for v in record["copies_per_s"].values())
+    assert main(args[:3] + args[5:]) == 2                             # no --dataset
+    assert "_cli_models:cnn needs --dataset" in capsys.readouterr().err
+    assert main(["bench", "--model", "_cli_models:three_logits", *args[3:]]) == 2
+    assert "logits of shape (16, 3)" in capsys.readouterr().err
+
+
 def test_bench_rejects_bad_sizes(capsys):
     assert main(["bench", *TINY[:-6], "--copies", "0"]) == 2
     assert "--copies must be > 0" in capsys.readouterr().err
