@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .allocator import tune_cpu_allocator
 from .noises import Noise
 from .telemetry import proc_cpuinfo
 
@@ -294,6 +295,8 @@ class Sampler:
         if not isinstance(noise, Noise):
             raise TypeError(f"noise must be a fastsmooth noise (Gaussian, Laplace, ...), got {noise!r}")
         self.device = torch.device(device) if device is not None else model_device(model)
+        if self.device.type == "cpu":
+            tune_cpu_allocator()  # forwards stop faulting in fresh pages for every batch (allocator.py)
         self.model = model.to(self.device).eval()
         self.num_classes = int(num_classes)
         self.noise = noise
