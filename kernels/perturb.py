@@ -24,8 +24,9 @@ Samplers (w: one 32-bit Philox word, read as int32 bits ws; 2^-31 = 4.6566128730
   first cell of U31 (the 31 low bits of w all zero, probability 2^-31), where U is refined to
   ((t & 0x7FFFFFFF) + 0.5) * 2^-62 with t the element's word of Philox(..., TAG_LAPLACE_TAIL), i.e.
   62 bits in all. A tile draws those words only when one of its words needs them (probability
-  about 2^-21 for a tile of 1024 elements), so the refinement costs one reduction per tile. Written as -log of a uniform on
-  (0, 1] so that no value is infinite (DESIGN §5); the magnitude bits and the sign bit are independent.
+  about 2^-21 for a tile of 1024 elements), so the refinement costs one reduction per tile.
+  Written as -log of a uniform on (0, 1] so that no value is infinite (DESIGN §5); the magnitude
+  bits and the sign bit are independent.
 * Uniform: eps = lambda S32(w).
 * ExpInf(k): per copy, s ~ Gamma(d/k, 1) by Marsaglia & Tsang (2000) in float64 (shape < 1 through
   the boost Gamma(a) = Gamma(a + 1) U^(1/a)), r = lambda s^(1/k) computed as lambda exp(log(s)/k);
