@@ -24,6 +24,7 @@ import time
 import torch
 from torch import nn
 
+from .allocator import tune_cpu_allocator
 from .distributed import PeerFailed
 
 LOCAL_ERRORS = (ValueError, TypeError, OSError, KeyError)
@@ -471,7 +472,6 @@ def _run_distributed(args, ctx) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .allocator import tune_cpu_allocator
     tune_cpu_allocator()  # CPU forwards stop paying page faults for every batch (allocator.py)
     sampling = args.command in ("certify", "predict")
     ctx = None
