@@ -66,8 +66,8 @@ def certified_counts(results: Results, radii: Sequence[float]) -> np.ndarray:
     if not results.has_radius:
         return np.where(radii <= 0.0, int(correct.sum()), -1).astype(np.int64)
     radius = np.array([row.radius for row in results.rows], dtype=np.float64)
-    certified = correct[None, :] & (radius[None, :] >= radii[:, None])
-    return certified.sum(axis=1).astype(np.int64)
+    ok = np.sort(radius[correct & ~np.isnan(radius)])  # one sorted search, not a radii x rows matrix
+    return (len(ok) - np.searchsorted(ok, radii, side="left")).astype(np.int64)
 
 
 def certified_accuracy(results: Results, radii: Sequence[float]) -> np.ndarray:
@@ -130,10 +130,7 @@ def envelope_acr(all_results: Sequence[Results]) -> float:
         return math.nan
     breaks = np.array(sorted({row.radius for r in with_radius for row in r.rows if row.correct and row.radius > 0}),
                       dtype=np.float64)
-    best = np.zeros(len(breaks))
-    for r in with_radius:  # acc(b) = fraction correct with radius >= b, by one sorted search per file
-        radius = np.sort(np.array([row.radius for row in r.rows if row.correct], dtype=np.float64))
-        best = np.maximum(best, (len(radius) - np.searchsorted(radius, breaks, side="left")) / len(r.rows))
+    best = np.max([certified_accuracy(r, breaks) for r in with_radius], axis=0)
     total, previous = 0.0, 0.0
     for b, value in zip(breaks.tolist(), best.tolist()):
         # On (previous, b] every curve equals its value at b.
