@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
-import math
 import os
 import sys
 import time
@@ -26,6 +25,8 @@ from torch import nn
 
 from .allocator import tune_cpu_allocator
 from .distributed import PeerFailed
+from .models import _first_line
+from .noises import _positive_float
 
 LOCAL_ERRORS = (ValueError, TypeError, OSError, KeyError)
 
@@ -43,11 +44,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _add_sampling_arguments(p: argparse.ArgumentParser, certify: bool) -> None:
@@ -122,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_positive_finite(flag: str, value) -> None:
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise CliError(f"{flag} must be a finite number > 0, got {value}")
+    if value is not None:
+        _positive_float(value, flag)
 
 
 def _resolve(args: argparse.Namespace) -> None:
@@ -238,8 +234,9 @@ def _setup(args, device: torch.device, show_progress: bool = True):
         except ValueError:
             raise CliError(f"unknown dataset {args.dataset!r}; known: {', '.join(sorted(data.DATASETS))}") from None
     ckpt_meta, model = {}, None
+    factory = args.model is not None and models.is_factory_spec(args.model)
     if args.model is not None:
-        if models.is_factory_spec(args.model):
+        if factory:
             model = models.load_factory(args.model)
         else:
             # The checkpoint knows its data set (normalization, classes) unless --dataset overrides it.
@@ -282,7 +279,7 @@ def _setup(args, device: torch.device, show_progress: bool = True):
         raise CliError(_first_line(exc)) from None
     model_name = "embedded"
     if args.model is not None:
-        model_name = args.model if models.is_factory_spec(args.model) else os.path.abspath(args.model)
+        model_name = args.model if factory else os.path.abspath(args.model)
     meta = {"command": args.command, "dataset": dataset_name, "split": args.split,
             "model": model_name, **smooth.metadata,
             "alpha": args.alpha, "n": args.n, "batch": args.batch, "skip": args.skip, "max": args.max,
