@@ -128,24 +128,23 @@ def read_rows(path: str, columns: Iterable[str]) -> Dict[int, str]:
     return rows
 
 
-def write_rows(path: str, columns: Iterable[str], rows: Dict[int, str]) -> None:
-    """Write ``rows`` (index -> line) to ``path`` in index order, atomically (temporary file + rename)."""
+def _write_atomically(path: str, text: str) -> None:
+    """A reader sees the old file or the whole new one, never a part (temporary file + rename)."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\t".join(columns) + "\n")
-        for index in sorted(rows):
-            f.write(rows[index] + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def write_rows(path: str, columns: Iterable[str], rows: Dict[int, str]) -> None:
+    """Write ``rows`` (index -> line) to ``path`` in index order, atomically."""
+    _write_atomically(path, "".join(line + "\n" for line in ["\t".join(columns)] + [rows[i] for i in sorted(rows)]))
+
+
 def write_metadata(out: str, metadata: dict) -> None:
-    path = out + META_SUFFIX
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(metadata, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    _write_atomically(out + META_SUFFIX, json.dumps(metadata, indent=2, sort_keys=True, default=str))
 
 
 def check_metadata(out: str, metadata: dict) -> None:
