@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .noises import NORMS
+
 __all__ = [
     "ATTACK_NORMS",
     "DEFAULT_L1_TOPK",
@@ -51,7 +53,7 @@ __all__ = [
     "SmoothAdvPGD",
 ]
 
-ATTACK_NORMS = ("l1", "l2", "linf")
+ATTACK_NORMS = NORMS  # every norm a certificate is stated in
 # The l1 step's share of coordinates: Tramer & Boneh's SLIDE keeps those above the 99th percentile of
 # |g| (1%); rs4a keeps the top 1/16. Measured on the embedded MNIST (Laplace sigma 0.5, noise-trained
 # cnn, 200 test images, m = 16): with epsilon 8 the soft smoothed accuracy fell to 0.755 / 0.695 under
