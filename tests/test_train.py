@@ -122,8 +122,11 @@ def test_smoothadv_loss(multi):
     eps0 = model.inputs[0].reshape(4, 3, 1, 8, 8) - x[:, None]
     eps1 = model.inputs[1].reshape(4, 3, 1, 8, 8) - x[:, None]
     assert (eps1 - eps0).reshape(4, 3, -1).std(dim=1).max() < 1e-5  # differ only by the shared delta
-    last = model.inputs[2].reshape(4, -1 if not multi else 3, 64)
-    assert last.shape[1] == (3 if multi else 1)
+    k = 3 if multi else 1  # training copies: all noise copies (multi-noise) or the first
+    moved = model.inputs[2].reshape(4, k, 64) - model.inputs[1].reshape(4, 3, 64)[:, :k]
+    assert (moved - moved[:, :1]).abs().max() < 1e-5    # one shift per image across its copies,
+    assert moved.norm(dim=2).max() <= 2 * 0.5 + 1e-5     # a difference of two deltas in the 0.5-ball
+    assert moved.abs().max() > 1e-3                      # (fresh noise would differ by about 2.8)
 
 
 def test_noise_copies_come_from_the_noise_object():
