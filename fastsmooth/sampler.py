@@ -475,7 +475,10 @@ class Sampler:
                 self.backend.vote(logits, slots, totals, nonfinite)
         if self.device.type != "cuda":
             return PendingTotals(totals.cpu(), nonfinite.cpu())
-        return PendingTotals(*(self._download(t) for t in (totals, nonfinite)), torch.cuda.Event())
+        host = [self._download(t) for t in (totals, nonfinite)]
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))  # this sampler's device, maybe not the current one
+        return PendingTotals(*host, done)
 
     def _upload(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         """The images stacked in float32 on the device. From the host to a GPU through pinned memory:
@@ -491,13 +494,12 @@ class Sampler:
 
 
 class PendingTotals:
-    """The totals of ``Sampler.submit``; on CUDA their copy to the host may still be in flight."""
+    """The totals of ``Sampler.submit``; on CUDA their copy to the host may still be in flight until
+    ``event`` (recorded after that copy) completes."""
 
     def __init__(self, totals: torch.Tensor, nonfinite: Optional[torch.Tensor] = None,
                  event: Optional["torch.cuda.Event"] = None):
         self._totals, self._nonfinite, self._event = totals, nonfinite, event
-        if event is not None:
-            event.record()  # after the copies queued above
 
     def result(self) -> torch.Tensor:
         """Wait for the device (the one host sync of the call); the totals on the CPU."""
