@@ -39,7 +39,7 @@ def _perturb_variants():
     import importlib
     import math
 
-    pk = importlib.import_module("fastsmooth.kernels.perturb")
+    pk = importlib.import_module("fastsmooth.kernels.perturb")  # the module: the package's `perturb` is a function
     wide = None
     for noise in NOISES:
         boosts = (False, True) if noise == "expinf" else (False,)
