@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .noises import NORMS
+from .checks import NORMS, check_norm
 
 __all__ = [
     "ATTACK_NORMS",
@@ -61,12 +61,6 @@ ATTACK_NORMS = NORMS  # every norm a certificate is stated in
 DEFAULT_L1_TOPK = 0.01
 
 Epsilon = Union[float, torch.Tensor]
-
-
-def _check_norm(norm: str) -> str:
-    if norm not in ATTACK_NORMS:
-        raise ValueError(f"unknown attack norm {norm!r}; expected one of {', '.join(ATTACK_NORMS)}")
-    return norm
 
 
 def _eps_column(epsilon: Epsilon, rows: int, like: torch.Tensor) -> torch.Tensor:
@@ -141,7 +135,7 @@ def _project_l1(v: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 def project(v: torch.Tensor, epsilon: Epsilon, norm: str) -> torch.Tensor:
     """Projection of every row of v onto the ``norm`` ball of radius epsilon."""
-    return _PROJECTIONS[_check_norm(norm)](v, _eps_column(epsilon, v.shape[0], v))
+    return _PROJECTIONS[check_norm(norm, ATTACK_NORMS, "attack norm")](v, _eps_column(epsilon, v.shape[0], v))
 
 
 _PROJECTIONS = {"l1": _project_l1, "l2": _project_l2, "linf": _project_linf}
@@ -165,12 +159,12 @@ def soft_smoothed_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, noise
                          f"{', '.join(map(str, x.shape[1:]))}), got {tuple(noise.shape)}")
     b, m = noise.shape[:2]
     logits = model((x.unsqueeze(1) + noise).reshape(b * m, *x.shape[1:]))
-    log_probs = F.log_softmax(_widen(logits), dim=1).reshape(b, m, -1)
+    log_probs = F.log_softmax(widen(logits), dim=1).reshape(b, m, -1)
     log_mean = torch.logsumexp(log_probs, dim=1) - math.log(m)
     return F.nll_loss(log_mean, y, reduction=reduction)
 
 
-def _widen(t: torch.Tensor) -> torch.Tensor:
+def widen(t: torch.Tensor) -> torch.Tensor:
     """Half-precision logits (autocast) to float32 for the softmax; float32/float64 unchanged."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
@@ -184,7 +178,7 @@ def ascent_direction(grad: torch.Tensor, norm: str, *, x_adv: Optional[torch.Ten
     boundary and whose ascent direction points out of it (they could not move); l1_topk is k as a
     fraction of the coordinates (at least 1).
     """
-    norm = _check_norm(norm)
+    norm = check_norm(norm, ATTACK_NORMS, "attack norm")
     flat = grad.reshape(grad.shape[0], -1)
     if norm == "l2":
         norms = flat.norm(p=2, dim=1, keepdim=True)
@@ -232,7 +226,7 @@ class SmoothAdvPGD:
     def __init__(self, norm: str = "l2", epsilon: Epsilon = 0.25, num_steps: int = 1,
                  step_size: Optional[float] = None, l1_topk: float = DEFAULT_L1_TOPK,
                  clip: Tuple[float, float] = (0.0, 1.0)):
-        self.norm = _check_norm(norm)
+        self.norm = check_norm(norm, ATTACK_NORMS, "attack norm")
         if int(num_steps) != num_steps or num_steps < 1:
             raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
         if step_size is not None and not step_size > 0:

@@ -25,8 +25,7 @@ from torch import nn
 
 from .allocator import tune_cpu_allocator
 from .distributed import PeerFailed
-from .models import _first_line
-from .noises import _positive_float
+from .checks import first_line, positive_float
 
 LOCAL_ERRORS = (ValueError, TypeError, OSError, KeyError)
 
@@ -119,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_positive_finite(flag: str, value) -> None:
     if value is not None:
-        _positive_float(value, flag)
+        positive_float(value, flag)
 
 
 def _resolve(args: argparse.Namespace) -> None:
@@ -159,13 +158,13 @@ def _device(args, ctx) -> torch.device:
     try:
         device = torch.device(spec)
     except (RuntimeError, ValueError) as exc:
-        raise CliError(f"--device {spec!r} is not a torch device ({_first_line(exc)})") from None
+        raise CliError(f"--device {spec!r} is not a torch device ({first_line(exc)})") from None
     if ctx is not None and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", ctx.local_rank)
     try:
         torch.empty(1, device=device)
     except Exception as exc:  # "Torch not compiled with CUDA enabled" is an AssertionError
-        raise CliError(f"--device {device} is not available here ({_first_line(exc)})") from None
+        raise CliError(f"--device {device} is not available here ({first_line(exc)})") from None
     return device
 
 
@@ -201,7 +200,7 @@ class _Guarded(nn.Module):
             return self.model(x)
         except Exception as exc:
             raise ModelError(f"the model failed on a batch of inputs of shape {tuple(x.shape)} "
-                             f"({str(x.dtype).replace('torch.', '')}): {_first_line(exc)}") from exc
+                             f"({str(x.dtype).replace('torch.', '')}): {first_line(exc)}") from exc
 
 
 def _probe(model: nn.Module, x: torch.Tensor, num_classes: int, dataset_name: str, device) -> None:
@@ -212,7 +211,7 @@ def _probe(model: nn.Module, x: torch.Tensor, num_classes: int, dataset_name: st
             logits = model(x[None].to(device))
     except Exception as exc:
         raise CliError(f"the model rejects inputs of shape {shape} (data set {dataset_name}): "
-                       f"{_first_line(exc)}") from None
+                       f"{first_line(exc)}") from None
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 1:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise CliError(f"the model maps an input of shape (1, {', '.join(map(str, shape))}) to {got}; "
@@ -230,7 +229,7 @@ def _setup(args, device: torch.device, show_progress: bool = True):
 
     if args.dataset is not None:  # the names data.get_dataset takes (case, aliases such as cifar-10)
         try:
-            args.dataset = data._canonical(args.dataset)
+            args.dataset = data.canonical_name(args.dataset)
         except ValueError:
             raise CliError(f"unknown dataset {args.dataset!r}; known: {', '.join(sorted(data.DATASETS))}") from None
     ckpt_meta, model = {}, None
@@ -276,7 +275,7 @@ def _setup(args, device: torch.device, show_progress: bool = True):
         if first is not None:
             smooth.sampler.prepare(first.shape)  # resolve the "auto" choices before the metadata
     except RuntimeError as exc:  # e.g. the Triton backend without a GPU
-        raise CliError(_first_line(exc)) from None
+        raise CliError(first_line(exc)) from None
     model_name = "embedded"
     if args.model is not None:
         model_name = args.model if factory else os.path.abspath(args.model)
@@ -460,7 +459,7 @@ def _run_distributed(args, ctx) -> int:
         return 0
     except BaseException as exc:
         if not isinstance(exc, PeerFailed):
-            ctx.fail(_first_line(exc) if not isinstance(exc, KeyboardInterrupt) else "interrupted")
+            ctx.fail(first_line(exc) if not isinstance(exc, KeyboardInterrupt) else "interrupted")
         raise
     finally:
         ctx.close()
@@ -486,18 +485,18 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         if ctx is None or ctx.is_main:
-            print(f"fastsmooth {args.command}: error: {_first_line(exc)}", file=sys.stderr)
+            print(f"fastsmooth {args.command}: error: {first_line(exc)}", file=sys.stderr)
         return 2
     except (CliError, ModelError, *LOCAL_ERRORS, _nonfinite_error()) as exc:
         if args.debug:
             raise
         where = f"rank {ctx.rank}: " if ctx is not None and not ctx.is_main else ""
-        print(f"fastsmooth {args.command}: error: {where}{_first_line(exc)}", file=sys.stderr)
+        print(f"fastsmooth {args.command}: error: {where}{first_line(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:
         if args.debug or not sampling:
             raise
-        print(f"fastsmooth {args.command}: internal error: {type(exc).__name__}: {_first_line(exc)} "
+        print(f"fastsmooth {args.command}: internal error: {type(exc).__name__}: {first_line(exc)} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 

@@ -128,7 +128,8 @@ _ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "
             "image-folder": "imagefolder", "image_folder": "imagefolder"}
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
+    """The registry key of a data set name (any case; aliases such as cifar-10, fashion_mnist)."""
     key = str(name).lower()
     key = _ALIASES.get(key, key)
     if key not in DATASETS:
@@ -138,7 +139,7 @@ def _canonical(name: str) -> str:
 
 def get_info(name: str) -> DatasetInfo:
     """The registry entry for ``name`` (aliases like "fashion_mnist" accepted)."""
-    return DATASETS[_canonical(name)]
+    return DATASETS[canonical_name(name)]
 
 
 def _check_split(split: str) -> str:
@@ -534,7 +535,7 @@ def get_dataset(name: str, split: str = "test", root=None, *, augment: bool = Fa
     The returned object has ``.info`` (a DatasetInfo with num_classes and shape resolved) and
     ``.classes``. Missing or malformed files raise DataError; an unknown name raises ValueError.
     """
-    key = _canonical(name)
+    key = canonical_name(name)
     split = _check_split(split)
     info = DATASETS[key]
     if key == "mnist":

@@ -30,7 +30,7 @@ from torch import nn
 
 from .data import get_dataset
 from .models import CheckpointError, get_architecture, load_checkpoint
-from .train import _first, _resolve_device, save_checkpoint, train
+from .train import first_items, resolve_device, save_checkpoint, train
 
 __all__ = ["EMBEDDED_DATASET", "EMBEDDED_ARCH", "RECIPE", "CACHE_ENV", "cache_dir", "default_model_path",
            "default_model"]
@@ -84,7 +84,7 @@ def default_model(noise, device=None, progress: bool = True, *, epochs: Optional
 
 def _load_or_train(noise, device, progress, epochs, train_size) -> Tuple[nn.Module, bool]:
     """(model, whether this call trained it)."""
-    device = _resolve_device(device)
+    device = resolve_device(device)
     recipe = _recipe(noise, epochs, train_size)
     path = default_model_path(noise, epochs=epochs, train_size=train_size)
     model = _load_cached(path, noise, device)
@@ -136,7 +136,7 @@ def _train(recipe: dict, noise, progress: bool, path: Optional[Path]) -> nn.Modu
     data = get_dataset(EMBEDDED_DATASET, "train")
     size = recipe.get("train_size")
     if size is not None:
-        data = _first(data, size)
+        data = first_items(data, size)
     with torch.random.fork_rng(devices=[]):  # seeded initialization, without touching the global seed
         torch.manual_seed(recipe["seed"])
         model = get_architecture(recipe["arch"], recipe["dataset"])

@@ -30,6 +30,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .checks import first_line
 from .data import DATASETS, DatasetInfo, get_info
 
 __all__ = [
@@ -68,11 +69,6 @@ def is_factory_spec(spec: str) -> bool:
     return bool(_FACTORY.match(spec)) and not os.path.exists(spec)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def load_factory(spec: str) -> nn.Module:
     """The model returned by FUNCTION() of MODULE, for ``spec = "MODULE:FUNCTION"``: the user's own
     code, named explicitly (nothing is ever imported from or run out of a checkpoint, which loads with
@@ -85,7 +81,7 @@ def load_factory(spec: str) -> nn.Module:
         module = importlib.import_module(module_name)
     except Exception as exc:
         raise CheckpointError(f"--model {spec}: cannot import {module_name} ({type(exc).__name__}: "
-                              f"{_first_line(exc)})") from None
+                              f"{first_line(exc)})") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise CheckpointError(f"--model {spec}: {module_name} has no function {attr}")
@@ -93,7 +89,7 @@ def load_factory(spec: str) -> nn.Module:
         model = factory()
     except Exception as exc:
         raise CheckpointError(f"--model {spec}: the factory failed ({type(exc).__name__}: "
-                              f"{_first_line(exc)})") from None
+                              f"{first_line(exc)})") from None
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"--model {spec}: the factory returned a {type(model).__name__}, "
                               "not a torch.nn.Module")
@@ -411,7 +407,7 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict with 'arch' and 'state_dict', got {type(obj).__name__}")
     if "state_dict" not in obj:

@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 from scipy.stats import norm as _std_normal
 
-NORMS = ("l1", "l2", "linf")
+from .checks import NORMS, check_dim, check_norm, positive_float
+
 _NORM_EXPONENT = {"l1": 1.0, "l2": 2.0, "linf": math.inf}
 
 
@@ -38,31 +39,6 @@ def _log_inv_2q(p: float) -> float:
     return math.inf if p >= 1.0 else -math.log(2.0 * (1.0 - p))
 
 
-def _check_norm(norm: str) -> str:
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
-    return norm
-
-
-def _positive_float(value, what: str) -> float:
-    """A finite number > 0 (Python, numpy or 0-d torch scalars; not bool) as a float, or ValueError."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a finite number > 0, got {value!r}") from None
-    if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
-    return number
-
-
-def _check_dim(dim: int) -> int:
-    if int(dim) != dim or dim < 1:
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
-    return int(dim)
-
-
 class Noise:
     """A zero-mean noise with density exp(-phi(x / lambda)); subclasses give the §3 formulas."""
 
@@ -73,7 +49,7 @@ class Noise:
         if (sigma is None) == (scale is None):
             raise ValueError(f"{type(self).__name__}: give exactly one of sigma= or scale=")
         which = "sigma" if sigma is not None else "scale"
-        value = _positive_float(sigma if sigma is not None else scale, f"{type(self).__name__}: {which}")
+        value = positive_float(sigma if sigma is not None else scale, f"{type(self).__name__}: {which}")
         self.sigma = value if sigma is not None else None
         self.scale = value if scale is not None else None
 
@@ -84,12 +60,12 @@ class Noise:
 
     def scale_for(self, dim: int) -> float:
         """lambda for inputs of ``dim`` elements."""
-        dim = _check_dim(dim)
+        dim = check_dim(dim)
         return self.scale if self.scale is not None else self.sigma / self._sigma_over_scale(dim)
 
     def sigma_for(self, dim: int) -> float:
         """Per-coordinate RMS for inputs of ``dim`` elements."""
-        dim = _check_dim(dim)
+        dim = check_dim(dim)
         return self.sigma if self.sigma is not None else self.scale * self._sigma_over_scale(dim)
 
     def spec(self) -> dict:
@@ -149,8 +125,8 @@ class Noise:
         The largest over this noise's direct certificates, each moved to ``norm`` by the sound
         conversion of ``convert_radius``. 0.0 when p_lower <= 1/2 (no certificate).
         """
-        norm = _check_norm(norm or self.default_norm)
-        dim = _check_dim(dim)
+        norm = check_norm(norm or self.default_norm)
+        dim = check_dim(dim)
         p = float(p_lower)
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"p_lower must lie in [0, 1], got {p_lower!r}")
@@ -258,7 +234,7 @@ class ExpInf(Noise):
     default_norm = "l1"
 
     def __init__(self, k: float = 1.0, *, sigma: Optional[float] = None, scale: Optional[float] = None):
-        k = _positive_float(k, "ExpInf: k")
+        k = positive_float(k, "ExpInf: k")
         super().__init__(sigma=sigma, scale=scale)
         self.k = k
 

@@ -23,9 +23,10 @@ from typing import Iterable, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
-from .noises import Noise, _check_norm
+from .checks import check_alpha, check_norm, check_positive_int
+from .noises import Noise
 from .sampler import Job, Sampler
-from .stats import _check_alpha, clopper_pearson_lower, predict_from_counts
+from .stats import clopper_pearson_lower, predict_from_counts
 
 
 @dataclass
@@ -64,12 +65,6 @@ class Prediction:
     counts: torch.Tensor = field(repr=False)
     image_index: int = 0
     seconds: float = 0.0
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or int(value) != value or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _groups(items: Iterable, size: int) -> Iterator[list]:
@@ -162,10 +157,10 @@ class Smooth:
         Images whose whole work is smaller than a batch are grouped so that they share batches;
         ``images_per_group`` overrides the group size.
         """
-        n0, n = _check_positive_int("n0", n0), _check_positive_int("n", n)
-        batch_size = _check_positive_int("batch_size", batch_size)
-        alpha = _check_alpha(alpha)
-        norm = _check_norm(norm or self.noise.default_norm)
+        n0, n = check_positive_int("n0", n0), check_positive_int("n", n)
+        batch_size = check_positive_int("batch_size", batch_size)
+        alpha = check_alpha(alpha)
+        norm = check_norm(norm or self.noise.default_norm)
         group_size = images_per_group or max(1, min(16, batch_size // (n0 + n)))
 
         def jobs(group):  # selection copies [0, n0) and estimation copies [n0, n0 + n) of each image
@@ -241,8 +236,8 @@ class Smooth:
 
     def predict_many(self, items: Iterable[Tuple[int, torch.Tensor]], n: int = 100_000, alpha: float = 0.001,
                      batch_size: int = 1000, images_per_group: Optional[int] = None) -> Iterator[Prediction]:
-        n, batch_size = _check_positive_int("n", n), _check_positive_int("batch_size", batch_size)
-        alpha = _check_alpha(alpha)
+        n, batch_size = check_positive_int("n", n), check_positive_int("batch_size", batch_size)
+        alpha = check_alpha(alpha)
         group_size = images_per_group or max(1, min(16, batch_size // n))
 
         def jobs(group):
@@ -257,6 +252,6 @@ class Smooth:
                       image_index: Optional[int] = None) -> torch.Tensor:
         """Monte-Carlo estimate over n copies: vote frequencies of the hard smoothed classifier g, or
         with soft=True the mean softmax of the soft smoothed classifier G. An estimate, no bound."""
-        n, batch_size = _check_positive_int("n", n), _check_positive_int("batch_size", batch_size)
+        n, batch_size = check_positive_int("n", n), check_positive_int("batch_size", batch_size)
         totals = self.sampler.run([Job(x, self._index(image_index), 0, n)], batch_size, soft=soft)[0]
         return totals.double() / n

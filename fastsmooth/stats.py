@@ -9,12 +9,7 @@ import math
 
 from scipy.stats import beta, binomtest
 
-
-def _check_alpha(alpha: float) -> float:
-    alpha = float(alpha)
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
-    return alpha
+from .checks import check_alpha
 
 
 def _check_counts(k: int, n: int) -> tuple[int, int]:
@@ -34,7 +29,7 @@ def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
     ``proportion_confint(k, n, alpha=2*alpha, method="beta")[0]`` used by Cohen et al.
     """
     k, n = _check_counts(k, n)
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     if k == 0:
         return 0.0
     return float(beta.ppf(alpha, k, n - k + 1))
@@ -43,7 +38,7 @@ def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
 def clopper_pearson_upper(k: int, n: int, alpha: float) -> float:
     """One-sided (1 - alpha) Clopper-Pearson upper bound: Beta.ppf(1 - alpha, k + 1, n - k), 1 when k = n."""
     k, n = _check_counts(k, n)
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     if k == n:
         return 1.0
     return float(beta.ppf(1.0 - alpha, k + 1, n - k))
@@ -68,7 +63,7 @@ def predict_from_counts(counts, alpha: float) -> int:
     Cohen et al. 2019, Theorem 2: with probability >= 1 - alpha this returns g(x) or abstains.
     Ties for the top count give p-value 1, hence abstention.
     """
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     values = [int(c) for c in counts]
     if len(values) == 0:
         raise ValueError("counts is empty")
@@ -81,4 +76,4 @@ def predict_from_counts(counts, alpha: float) -> int:
 def max_lower_bound(n: int, alpha: float) -> float:
     """The largest p_lower that n votes can give (all votes for c_A): alpha^(1/n)."""
     _check_counts(n, n)
-    return math.exp(math.log(_check_alpha(alpha)) / n)
+    return math.exp(math.log(check_alpha(alpha)) / n)

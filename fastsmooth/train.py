@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import _widen
+from .attacks import widen
 
 __all__ = [
     "EpochStats",
@@ -151,8 +151,8 @@ class SmoothAdvLoss:
 def stability_loss(logits1: torch.Tensor, logits2: torch.Tensor, y: torch.Tensor, weight: float) -> torch.Tensor:
     """CE(logits1, y) + weight * KL(softmax logits1 || softmax logits2), both averaged over the batch;
     KL(p || q) = sum_c p_c (log p_c - log q_c)."""
-    log_p = F.log_softmax(_widen(logits1), dim=1)
-    log_q = F.log_softmax(_widen(logits2), dim=1)
+    log_p = F.log_softmax(widen(logits1), dim=1)
+    log_q = F.log_softmax(widen(logits2), dim=1)
     kl = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
     return F.nll_loss(log_p, y) + weight * kl
 
@@ -196,7 +196,7 @@ def make_scheduler(optimizer, schedule: str, epochs: int, steps_per_epoch: int,
     raise ValueError(f"unknown schedule {schedule!r}; expected 'cosine' or 'step'")
 
 
-def _resolve_device(device) -> torch.device:
+def resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -238,7 +238,7 @@ def train(model: nn.Module, dataset, noise, *, epochs: int, batch_size: int = 25
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     if len(dataset) == 0:
         raise ValueError("cannot train on an empty dataset")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     model.to(device)
     loss_fn = loss_fn or noise_augmentation_loss
     steps_per_epoch = math.ceil(len(dataset) / batch_size)
@@ -317,7 +317,7 @@ def evaluate(model: nn.Module, dataset, noise=None, *, batch_size: int = 1000, d
              seed: int = 0) -> Tuple[float, float]:
     """(mean cross-entropy, accuracy) of ``model`` on ``dataset``, each image perturbed once by
     ``noise`` (None: clean) from a generator seeded with ``seed``."""
-    device = _resolve_device(device)
+    device = resolve_device(device)
     was_training = model.training
     model.to(device).eval()
     gen = torch.Generator(device=device).manual_seed(_mix(seed, 0, 2))
@@ -442,7 +442,7 @@ def add_arguments(parser) -> None:
     parser.set_defaults(run=run)
 
 
-def _first(dataset, n: int):
+def first_items(dataset, n: int):
     """The first n items of dataset (the embedded splits are hash-ordered: a prefix mixes the classes)."""
     from .data import TensorImageDataset
 
@@ -506,8 +506,8 @@ def run(args) -> int:
     if args.train_size is not None:
         if args.train_size < 1:
             raise ValueError(f"--train-size must be >= 1, got {args.train_size}")
-        dataset = _first(dataset, args.train_size)
-    device = _resolve_device(args.device)
+        dataset = first_items(dataset, args.train_size)
+    device = resolve_device(args.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         model = get_architecture(args.arch, dataset).to(device)

@@ -49,11 +49,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..noises import Gaussian, Noise, _check_norm, make_noise
+from ..checks import check_alpha, check_norm, check_positive_int
+from ..noises import Gaussian, Noise, make_noise
 from ..sampler import Job, model_device
 from ..smooth import Smooth as _EngineSmooth
-from ..smooth import _check_positive_int as _check_positive
-from ..stats import _check_alpha, clopper_pearson_lower, predict_from_counts
+from ..stats import clopper_pearson_lower, predict_from_counts
 
 _SEED_BOUND = 2**63 - 1
 
@@ -83,7 +83,7 @@ class Smooth(object):
         self.base_classifier = base_classifier
         self.num_classes = num_classes
         self._noise = self._make_noise(sigma, noise)
-        self.norm = None if norm is None else _check_norm(norm)  # refused before any sampling
+        self.norm = None if norm is None else check_norm(norm)  # refused before any sampling
         self.backend = backend
         self.precision = precision
         self.generator = generator
@@ -159,8 +159,8 @@ class Smooth(object):
         :return: (predicted class, certified radius);
                  in the case of abstention, the class will be ABSTAIN and the radius 0.
         """
-        _check_positive("n0", n0), _check_positive("n", n), _check_positive("batch_size", batch_size)
-        _check_alpha(alpha)
+        check_positive_int("n0", n0), check_positive_int("n", n), check_positive_int("batch_size", batch_size)
+        check_alpha(alpha)
         x = self._as_image(x)
         self.base_classifier.eval()
         # selection: n0 copies guess the top class (ties -> lowest index)
@@ -190,7 +190,7 @@ class Smooth(object):
         :param batch_size: batch size to use when evaluating the base classifier
         :return: the predicted class, or ABSTAIN
         """
-        _check_positive("n", n), _check_positive("batch_size", batch_size)
+        check_positive_int("n", n), check_positive_int("batch_size", batch_size)
         self.base_classifier.eval()
         counts = self._sample_noise(self._as_image(x), n, batch_size)
         return int(predict_from_counts(counts.tolist(), alpha))
@@ -206,7 +206,7 @@ class Smooth(object):
         """
         if int(num) != num or num < 0:
             raise ValueError(f"num must be an integer >= 0, got {num!r}")
-        _check_positive("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
         x = self._as_image(x)
         engine = self._smooth()
         # The noise of a copy is a pure function of (seed, image 0, copy): a fresh seed per call.
