@@ -68,6 +68,7 @@ class Workload:
     device: Optional[str] = None
     seed: int = 0
     alpha: float = 0.001
+    input_grid: Optional[int] = 255       # the images are 8-bit (k / 255), as the built-in data sets
 
     @property
     def copies(self) -> int:
@@ -164,13 +165,14 @@ class Runners:
         self.workload = w
         self.device = torch.device(w.device) if w.device is not None else default_device()
         gen = torch.Generator().manual_seed(w.seed)
-        self.images = torch.rand((w.images, *w.shape), generator=gen).to(self.device)
+        # 8-bit images (k / 255), as the data sets certify (on the grid of input_grid = 255)
+        self.images = (torch.randint(0, 256, (w.images, *w.shape), generator=gen) / 255.0).to(self.device)
         # Cohen's loop gets the model as the user gave it (fp32, its own memory format); the engine
         # may convert its model in place (channels_last), so the reference runs on a copy.
         self.reference_model = copy.deepcopy(w.model).to(self.device).float().eval()
         self.noise = Gaussian(sigma=w.sigma)
         self.smooth = Smooth(w.model, w.num_classes, self.noise, backend=w.backend, precision=w.precision,
-                             seed=w.seed, device=self.device, compile=w.compile)
+                             seed=w.seed, device=self.device, compile=w.compile, input_grid=w.input_grid)
         s = self.smooth.sampler
         s.prepare(tuple(w.shape))  # resolve the "auto" choices before the buffer is made and the config read
         self.engine = dict(self.smooth.metadata)
@@ -180,7 +182,7 @@ class Runners:
         rows = min(w.batch, max(w.copies, 1))
         buf = s._batch_buffer(rows, tuple(w.shape))
         with torch.inference_mode():
-            buf.copy_(self.images[0] + self.noise.sample((rows, *w.shape)).to(self.device))
+            s.backend.fill(buf, s._upload([self.images[0]]), [(0, 0, 0, rows, 0)], self.noise, w.seed, s.input_grid)
         self.buffer = buf
 
     def _engine_forward(self, batch: torch.Tensor) -> torch.Tensor:
@@ -493,7 +495,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1000, help="copies per forward batch (default 1000)")
     parser.add_argument("--sigma", type=float, default=0.25, help="Gaussian noise level (default 0.25)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton"])
+    parser.add_argument("--input-grid", default="255", type=_input_grid, help="certify the 8-bit test images on "
+                        "the grid 1/255 (default 255, as the built-in data sets) or in float arithmetic (none)")
     parser.add_argument("--compile", action="store_true",
                         help="run the engine's model (bare forward and certify) through torch.compile; the "
                              "reference loop stays eager, as Cohen et al. ran it")
@@ -504,6 +508,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="then time the engine's parts (noise fill, forward, votes, other) over the rounds")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the record (with device facts) as JSON")
     parser.set_defaults(run=run)
+
+
+def _input_grid(text: str):
+    if text.lower() == "none":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or none, got {text!r}")
+    return int(text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -518,7 +530,7 @@ def run(args: argparse.Namespace) -> int:
     model, num_classes, shape, name = make_model(args.arch, args.dataset, args.sigma, device, args.model)
     workload = Workload(name, model, num_classes, shape, n0=args.n0, n=copies, images=args.images,
                         batch=args.batch, sigma=args.sigma, precision=args.precision, backend=args.backend,
-                        compile=args.compile, device=str(device))
+                        compile=args.compile, device=str(device), input_grid=args.input_grid)
     methods = [m for m in METHODS if not (args.no_reference and m == "reference")]
     print(f"fastsmooth bench: {name}: 1 warm-up + {args.rounds} rounds of {', '.join(methods)} "
           f"({workload.copies:,} copies each)...", file=sys.stderr, flush=True)

@@ -79,7 +79,12 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, certify: bool) -> None:
                    "OUT.rankK.part files)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton"],
+                   help="noise backend (default auto: triton on CUDA, native on a CPU)")
+    p.add_argument("--input-grid", default="auto", type=_input_grid, metavar="auto|none|G",
+                   help="form noisy inputs from integers on the grid k / G, sound in floating point "
+                   "(default auto: the data set's pixel grid, 255 for 8-bit images, 16 for digits); none: "
+                   "x + noise in float32, as public smoothing code does")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu; "
                    "under torchrun cuda:LOCAL_RANK)")
@@ -88,6 +93,14 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, certify: bool) -> None:
     p.add_argument("--micro-batch", type=_micro_batch, default="auto", help="copies per model call "
                    "(default auto: on a CPU, big models in cache-sized micro-batches; 0: the whole batch)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
+
+
+def _input_grid(text: str):
+    if text in ("auto", "none"):
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected auto, none or a positive integer, got {text!r}")
+    return int(text)
 
 
 def _micro_batch(text: str):
@@ -269,9 +282,18 @@ def _setup(args, device: torch.device, show_progress: bool = True):
     first = dataset[0][0] if len(dataset) else None  # loaded once (an image folder decodes a file)
     if first is not None:
         _probe(model, first, num_classes, dataset_name, device)
+    input_grid = {"auto": dataset.info.pixel_grid, "none": None}.get(args.input_grid, args.input_grid)
+    if first is not None and input_grid is not None:
+        from .grid import grid_indices
+        try:
+            grid_indices(first, input_grid)
+        except ValueError as exc:
+            raise CliError(f"--input-grid {input_grid}: the data set's first image is off the grid "
+                           f"({first_line(exc)})") from None
     try:
         smooth = Smooth(_Guarded(model), num_classes, noise, backend=args.backend, precision=args.precision,
-                        seed=args.seed, device=device, compile=args.compile, micro_batch=args.micro_batch)
+                        seed=args.seed, device=device, compile=args.compile, micro_batch=args.micro_batch,
+                        input_grid=input_grid)
         if first is not None:
             smooth.sampler.prepare(first.shape)  # resolve the "auto" choices before the metadata
     except RuntimeError as exc:  # e.g. the Triton backend without a GPU

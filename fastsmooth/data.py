@@ -81,6 +81,7 @@ class DatasetInfo:
     std: Tuple[float, ...]
     description: str
     default_root: Optional[str] = None
+    pixel_grid: Optional[int] = 255       # the loader's images are k / pixel_grid (8-bit: 255)
 
     @property
     def dim(self) -> Optional[int]:
@@ -100,6 +101,7 @@ DATASETS = {
     "digits": DatasetInfo(
         "digits", 10, (1, 8, 8), (0.3053,), (0.3759,),
         "scikit-learn 8x8 digits, values/16 (train 1,438 / test 359)",
+        pixel_grid=16,
     ),
     "fashion-mnist": DatasetInfo(
         "fashion-mnist", 10, (1, 28, 28), (0.2860,), (0.3530,),
@@ -155,10 +157,10 @@ def _check_split(split: str) -> str:
 class TensorImageDataset(Dataset):
     """Images held in memory as one (N, C, H, W) tensor: uint8 (divided by 255 on access) or float32.
 
-    ``get_batch(indices, generator=None)`` returns a whole batch at once (the training loop's fast
+    ``get_batch(indices, words=None)`` returns a whole batch at once (the training loop's fast
     path, no per-item Python). With ``augment=True`` batches and items get Cohen et al.'s CIFAR
     augmentation: random crop with 4 pixels of zero padding and a random horizontal flip, drawn
-    from ``generator`` in get_batch (torch's global generator for single items).
+    from ``words`` in get_batch (the training loop's stream; torch's global generator otherwise).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, split: str,
@@ -193,21 +195,27 @@ class TensorImageDataset(Dataset):
             x = _crop_flip(x[None], None)[0]
         return x, int(self.labels[index])
 
-    def get_batch(self, indices: torch.Tensor, generator: Optional[torch.Generator] = None):
-        """(x (B, C, H, W) float32 in [0, 1], labels (B,) int64) for ``indices``."""
+    def get_batch(self, indices: torch.Tensor, words: Optional[torch.Tensor] = None):
+        """(x (B, C, H, W) float32 in [0, 1], labels (B,) int64) for ``indices``; the augmentation (if
+        on) takes three random 32-bit words per image from ``words`` (int64, 3B; default: torch's
+        global generator)."""
         indices = torch.as_tensor(indices, dtype=torch.int64)
         x = self._to_float(self.images[indices])
         if self.augment:
-            x = _crop_flip(x, generator)
+            x = _crop_flip(x, words)
         return x, self.labels[indices]
 
 
-def _crop_flip(x: torch.Tensor, generator: Optional[torch.Generator], pad: int = 4) -> torch.Tensor:
-    """Random crop (zero padding ``pad``) and random horizontal flip, per image."""
+def _crop_flip(x: torch.Tensor, words: Optional[torch.Tensor], pad: int = 4) -> torch.Tensor:
+    """Random crop (zero padding ``pad``) and random horizontal flip, per image, from three 32-bit
+    words per image (crop offsets floor(w (2 pad + 1) / 2^32), flip = lowest bit)."""
     b, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator)
-    flips = torch.randint(0, 2, (b,), generator=generator).bool()
+    if words is None:
+        words = torch.randint(0, 2 ** 32, (3 * b,), dtype=torch.int64)
+    words = words.reshape(b, 3)
+    offsets = (words[:, :2] * (2 * pad + 1)) >> 32
+    flips = (words[:, 2] & 1).bool()
     out = torch.empty_like(x)
     for i in range(b):
         top, left = int(offsets[i, 0]), int(offsets[i, 1])

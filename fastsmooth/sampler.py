@@ -4,29 +4,30 @@ Work is a list of ``Job``s (one image, a range of copy indices); the engine pack
 jobs into full batches of one reusable buffer, runs the model and accumulates per-job vote counts
 (or softmax sums) on the model's device, and reads them back once, at the end of the call.
 
-Reproducibility (DESIGN §5): the noise of copy c of image i is a pure function of (seed, i, c), in
-both backends, so counts do not depend on batch size nor on which images share a batch.
+Reproducibility (DESIGN §5): the noise of copy c of image i is a pure function of (seed, i, c) on
+every backend (one Philox stream, seeding.py), so counts do not depend on batch size nor on which
+images share a batch. With ``input_grid`` = G the model sees fl32((k + nu) / G) for inputs k / G
+(grid.py: sound in floating point, Voracek & Hein 2023).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from .allocator import tune_cpu_allocator
+from .backends import make_backend
+from .grid import check_input_grid, grid_indices
 from .noises import Noise
+from .seeding import DOMAIN_CERTIFY
 from .telemetry import proc_cpuinfo
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BACKENDS = ("auto", "torch", "triton")
 
 
 class NonFiniteLogitsError(RuntimeError):
@@ -52,117 +53,6 @@ class Segment:
     first_copy: int
     count: int
     row: int
-
-
-def mix_seed(*words: int) -> int:
-    """A 63-bit seed from integers, by chained splitmix64 finalizers (Steele et al. 2014)."""
-    h = 0x9E3779B97F4A7C15
-    for w in words:
-        h = (h ^ (int(w) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-class TorchBackend:
-    """Reference engine backend in plain torch; runs on any device.
-
-    Noise comes from ``noise.sample`` (the reference sampler; its tau is ``noise.tv_bound``) in
-    chunks of ``CHUNK`` copies, each chunk drawn from a generator seeded by (seed, image, chunk
-    index): copy c of image i is a pure function of (seed, i, c).
-
-    On a CPU the chunks of a batch are drawn and added on ``torch.get_num_threads()`` worker threads
-    of one intra-op thread each: torch's CPU generator is serial, so one thread would leave the other
-    cores idle while the model waits (measured here, 1000 CIFAR copies on 2 cores: 21 ms serially,
-    13.5 ms on two workers). The chunks are independent, so the noise is the same either way.
-    """
-
-    name = "torch"
-    CHUNK = 64
-
-    def __init__(self):
-        self._cached = (None, None)  # the last chunk drawn: a batch edge usually splits one
-        self._pool: Optional[ThreadPoolExecutor] = None
-        self._pool_owner = (0, 0)  # (process id, threads) the pool was made for
-
-    def tv_bound(self, noise: Noise, dim: int) -> float:
-        return noise.tv_bound(dim)
-
-    def _chunk(self, noise, seed, image_index, chunk, shape, device) -> torch.Tensor:
-        key = (noise, seed, image_index, chunk, shape, str(device))
-        cached = self._cached  # one read: workers may replace it meanwhile
-        if cached[0] == key:
-            return cached[1]
-        gen = torch.Generator(device=device).manual_seed(mix_seed(seed, image_index, chunk))
-        if len(shape) == 3:
-            # Images (C, H, W): drawn in (H, W, C) order and viewed as (C, H, W). The noise is i.i.d.
-            # over elements (or, for ExpInf, invariant under permuting them), so its law is the same,
-            # and fill writes a channels_last batch without transposing anything.
-            c, h, w = shape
-            eps = noise.sample((self.CHUNK, h, w, c), generator=gen).permute(0, 3, 1, 2)
-        else:
-            eps = noise.sample((self.CHUNK, *shape), generator=gen)
-        self._cached = (key, eps)
-        return eps
-
-    def fill(self, out, xs, segments: Sequence[Segment], noise: Noise, seed: int) -> None:
-        shape = tuple(xs.shape[1:])
-        pieces = []  # (slot, image, chunk, first copy within the chunk, copies, first row of out)
-        for seg in segments:
-            copy, end, row = seg.first_copy, seg.first_copy + seg.count, seg.row
-            while copy < end:
-                chunk, start = divmod(copy, self.CHUNK)
-                take = min(self.CHUNK - start, end - copy)
-                pieces.append((seg.slot, seg.image_index, chunk, start, take, row))
-                copy, row = copy + take, row + take
-
-        # A channels_last batch of images is filled in (N, H, W, C) order, in which the noise chunks
-        # (see _chunk), the images and the batch are all contiguous: torch's strided add-and-cast
-        # would take 7 ms per 1000 CIFAR copies, this one 2 ms.
-        hwc = len(shape) == 3 and out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last)
-        images = xs.permute(0, 2, 3, 1).contiguous() if hwc else xs
-
-        def perturb(piece):
-            slot, image_index, chunk, start, take, row = piece
-            eps = self._chunk(noise, seed, image_index, chunk, shape, xs.device)[start:start + take]
-            dst = out[row:row + take]
-            if hwc:
-                eps, dst = eps.permute(0, 2, 3, 1), dst.permute(0, 2, 3, 1)
-            # Noise added in float32; only x + eps is cast to the model's precision (DESIGN §5).
-            torch.add(eps, images[slot], out=dst)
-
-        workers = min(torch.get_num_threads(), len(pieces)) if xs.device.type == "cpu" else 1
-        if workers > 1:
-            inference = torch.is_inference_mode_enabled()  # thread-local: the workers take the caller's
-
-            def perturb_in_mode(piece):
-                with torch.inference_mode(inference):
-                    perturb(piece)
-
-            for _ in self._workers().map(perturb_in_mode, pieces):  # rows of out are disjoint per piece
-                pass
-        else:
-            for piece in pieces:
-                perturb(piece)
-
-    def _workers(self) -> ThreadPoolExecutor:
-        owner = (os.getpid(), torch.get_num_threads())
-        if self._pool_owner != owner:  # first use, another thread count, or a forked child (no threads)
-            if self._pool is not None and self._pool_owner[0] == owner[0]:
-                self._pool.shutdown(wait=False)
-            # One intra-op thread per worker (the setting is per thread): the workers share the cores.
-            self._pool = ThreadPoolExecutor(owner[1], thread_name_prefix="fastsmooth-noise",
-                                            initializer=torch.set_num_threads, initargs=(1,))
-            self._pool_owner = owner
-        return self._pool
-
-    def vote(self, logits, slots, counts, nonfinite) -> None:
-        finite = torch.isfinite(logits).all(dim=1)
-        nonfinite += (~finite).sum()
-        flat = slots * counts.shape[1] + logits.argmax(dim=1)
-        # Weighted by `finite` rather than masked: no host sync, and a non-finite row adds 0.
-        counts.view(-1).scatter_add_(0, flat, finite.to(counts.dtype))
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -253,27 +143,6 @@ def resolve_micro_batch(micro_batch, device: torch.device, dtype: torch.dtype, p
     return 1 << (fit.bit_length() - 1)  # a power of two: full batches of 1000 split evenly enough
 
 
-def make_backend(backend: str, device: torch.device):
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" and _triton_available() else "torch"
-    if backend == "torch":
-        return TorchBackend()
-    from .kernels.backend import TritonBackend  # imported lazily: triton is optional off Linux
-
-    return TritonBackend(device)
-
-
-@lru_cache(maxsize=None)
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def model_device(model: nn.Module) -> torch.device:
     for tensor in list(model.parameters()) + list(model.buffers()):
         return tensor.device
@@ -285,11 +154,13 @@ class Sampler:
 
     ``precision`` is the dtype the perturbed input x + eps is cast to and the model runs in (bf16 /
     fp16 through autocast): that cast is part of the base classifier being certified (DESIGN §5).
+    ``input_grid``: None (x + eps formed in float32: the common practice, not sound in floating point),
+    or G for inputs on the grid k / G (8-bit images: 255), whose noisy copies are formed from integers.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, noise: Noise, *, backend: str = "auto",
                  precision: str = "auto", seed: int = 0, device=None, channels_last="auto",
-                 cuda_graph="auto", compile: bool = False, micro_batch="auto"):
+                 cuda_graph="auto", compile: bool = False, micro_batch="auto", input_grid=None):
         if int(num_classes) != num_classes or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         if not isinstance(noise, Noise):
@@ -301,6 +172,7 @@ class Sampler:
         self.num_classes = int(num_classes)
         self.noise = noise
         self.seed = int(seed)
+        self.input_grid = check_input_grid(input_grid)
         self._precision_request, self._channels_last_request = precision, channels_last
         self.dtype = resolve_precision(precision, self.device)  # None: "auto", resolved by prepare()
         self.channels_last = False
@@ -352,8 +224,9 @@ class Sampler:
         return {v: k for k, v in PRECISIONS.items()}[self.dtype]
 
     def tv_bound(self, dim: int) -> float:
-        """tau: total-variation distance of one copy's noise from the ideal law (DESIGN §5)."""
-        return self.backend.tv_bound(self.noise, dim)
+        """tau: total-variation distance of one copy's noise (on the grid: of its nu) from the ideal
+        law, from what the backend draws (DESIGN §5)."""
+        return self.backend.tv_bound(self.noise, dim, self.input_grid)
 
     def _batch_buffer(self, batch_size: int, shape) -> torch.Tensor:
         buf = self._buffer
@@ -462,7 +335,7 @@ class Sampler:
         buf = self._batch_buffer(min(int(batch_size), sum(j.count for j in jobs)) or 1, shape)
         for rows, segments in self._batches(jobs, int(batch_size)):
             batch = buf[:rows]
-            self.backend.fill(batch, xs, segments, self.noise, self.seed)
+            self.backend.fill(batch, xs, segments, self.noise, self.seed, self.input_grid, DOMAIN_CERTIFY)
             full = rows == buf.shape[0]
             logits = self._graphed_forward(batch) if self.cuda_graph and full else self._forward(batch)
             slots = self._row_slots(segments, rows)
@@ -481,11 +354,16 @@ class Sampler:
         return PendingTotals(*host, done)
 
     def _upload(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The images stacked in float32 on the device. From the host to a GPU through pinned memory:
-        a copy from pageable memory would make the host wait for all the work queued on the device."""
+        """The images stacked on the device: float32 pixels, or int32 grid indices with input_grid
+        (grid.grid_indices: off-grid inputs are refused). From the host to a GPU through pinned
+        memory: a copy from pageable memory would make the host wait for all the work queued there."""
+        if self.input_grid is not None:
+            images = [grid_indices(x, self.input_grid) for x in images]
+        else:
+            images = [x.to(torch.float32) for x in images]
         if self.device.type == "cuda" and all(x.device.type == "cpu" for x in images):
-            return torch.stack([x.to(torch.float32) for x in images]).pin_memory().to(self.device, non_blocking=True)
-        return torch.stack([x.to(self.device, torch.float32) for x in images])
+            return torch.stack(images).pin_memory().to(self.device, non_blocking=True)
+        return torch.stack([x.to(self.device) for x in images])
 
     @staticmethod
     def _download(t: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,10 @@ from typing import Iterable, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
-from .checks import check_alpha, check_norm, check_positive_int
+from .checks import check_alpha, check_image, check_norm, check_positive_int
 from .noises import Noise
 from .sampler import Job, Sampler
+from .seeding import AUTO_INDEX_BASE, fresh_image_index
 from .stats import clopper_pearson_lower, predict_from_counts
 
 
@@ -94,43 +95,61 @@ class Smooth:
     compile: run the model through torch.compile (its one-time cost: ``sampler.compile_seconds``).
     micro_batch: copies per model call; "auto" runs big models on a CPU in micro-batches that keep
     the largest activation near 8 MB (faster there than whole batches), else whole batches (0).
+    input_grid: None, or G for inputs on the grid k / G (8-bit images: 255; x may then be uint8 k):
+    every noisy input is formed from integers, fl32((k + round(G delta)) / G), which makes the
+    certificate sound in floating point (Voracek & Hein, ICLR 2023; fastsmooth/grid.py). None forms
+    x + delta in float32, the common practice of public smoothing code, which is not.
     """
 
     ABSTAIN = -1
+    AUTO_INDEX_BASE = AUTO_INDEX_BASE
 
     def __init__(self, model: nn.Module, num_classes: int, noise: Noise, *, backend: str = "auto",
                  precision: str = "auto", seed: int = 0, device=None, channels_last="auto",
-                 cuda_graph="auto", compile: bool = False, micro_batch="auto"):
+                 cuda_graph="auto", compile: bool = False, micro_batch="auto", input_grid=None):
         self.sampler = Sampler(model, num_classes, noise, backend=backend, precision=precision,
                                seed=seed, device=device, channels_last=channels_last,
-                               cuda_graph=cuda_graph, compile=compile, micro_batch=micro_batch)
+                               cuda_graph=cuda_graph, compile=compile, micro_batch=micro_batch,
+                               input_grid=input_grid)
         self.noise = noise
         self.num_classes = self.sampler.num_classes
-        self._calls = 0
         # certify_many / predict_many queue the next group of images before reading this group's
         # counts back, so that the device samples it while the host computes bounds and the caller
         # writes results. Only where the device runs asynchronously: on a CPU it would merely hold
         # results back by one group.
         self.overlap = self.sampler.device.type == "cuda"
 
-    # Indices taken by calls without an image_index: above any data-set index, below the
-    # kernels' 2^32 limit, one per call and per instance.
-    AUTO_INDEX_BASE = 2 ** 31
+    @staticmethod
+    def _index(image_index: Optional[int]) -> int:
+        """The data-set index, or for None a fresh index (2^31 and up) that no call of this process,
+        in any instance, has taken (seeding.fresh_image_index)."""
+        if image_index is None:
+            return fresh_image_index()
+        if isinstance(image_index, bool) or int(image_index) != image_index or not 0 <= image_index < 2 ** 32:
+            raise ValueError(f"image_index must be an integer in [0, 2^32), got {image_index!r}")
+        return int(image_index)
 
-    def _index(self, image_index: Optional[int]) -> int:
-        if image_index is not None:
-            return int(image_index)
-        index = self.AUTO_INDEX_BASE + self._calls
-        self._calls += 1
-        return index
+    def _image(self, x) -> torch.Tensor:
+        return check_image(x, self.sampler.input_grid)
+
+    def _checked(self, items: Iterable) -> Iterator[Tuple[int, torch.Tensor]]:
+        """(image_index, x) pairs, each checked as it is pulled (a bad one fails after the good ones
+        before it have been handed out)."""
+        for item in items:
+            try:
+                index, x = item
+            except (TypeError, ValueError):
+                raise ValueError("certify_many / predict_many take (image_index, x) pairs, e.g. "
+                                 "enumerate(images)") from None
+            yield self._index(index), self._image(x)
 
     @property
     def metadata(self) -> dict:
         """What defines the base classifier and the sampling: to be stored beside the results."""
         s = self.sampler
         return {"noise": self.noise.spec(), "backend": s.backend.name, "precision": s.precision,
-                "channels_last": s.channels_last, "cuda_graph": s.cuda_graph, "compile": s.compile, "micro_batch": s.micro_batch, "seed": s.seed,
-                "device": str(s.device)}
+                "channels_last": s.channels_last, "cuda_graph": s.cuda_graph, "compile": s.compile,
+                "micro_batch": s.micro_batch, "seed": s.seed, "input_grid": s.input_grid, "device": str(s.device)}
 
     # -- CERTIFY ---------------------------------------------------------------------------
     def certify(self, x: torch.Tensor, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
@@ -142,8 +161,8 @@ class Smooth:
         calls draw independent noise and their failures are independent. Pass the data-set index
         to reproduce a row of ``certify_many`` or of the CLI.
         """
-        return next(self.certify_many([(self._index(image_index), x)], n0=n0, n=n, alpha=alpha,
-                                      batch_size=batch_size, norm=norm))
+        return next(self.certify_many([(self._index(image_index), x)], n0=n0, n=n,
+                                      alpha=alpha, batch_size=batch_size, norm=norm))
 
     def certify_many(self, items: Iterable[Tuple[int, torch.Tensor]], n0: int = 100, n: int = 100_000,
                      alpha: float = 0.001, batch_size: int = 1000, norm: Optional[str] = None,
@@ -166,7 +185,7 @@ class Smooth:
         def jobs(group):  # selection copies [0, n0) and estimation copies [n0, n0 + n) of each image
             return [job for i, x in group for job in (Job(x, i, 0, n0), Job(x, i, n0, n))]
 
-        for group, totals, seconds in self._run_groups(items, group_size, jobs, batch_size):
+        for group, totals, seconds in self._run_groups(self._checked(items), group_size, jobs, batch_size):
             for (index, x), c0, c in zip(group, totals[0::2], totals[1::2]):
                 c_a = int(c0.argmax())  # the selection's guess: ties to the lowest class
                 p_lower = self._lower_bound(int(c[c_a]), n, alpha, x)
@@ -232,7 +251,8 @@ class Smooth:
         (``sampler.tv_bound``: <= d/2 2^-40 for the torch samplers, <= d 2^-40 + 2e-9 for the kernels), which
         the binomial test does not take off: the guarantee is for p_A up to that tau.
         """
-        return next(self.predict_many([(self._index(image_index), x)], n=n, alpha=alpha, batch_size=batch_size)).prediction
+        return next(self.predict_many([(self._index(image_index), x)], n=n, alpha=alpha,
+                                      batch_size=batch_size)).prediction
 
     def predict_many(self, items: Iterable[Tuple[int, torch.Tensor]], n: int = 100_000, alpha: float = 0.001,
                      batch_size: int = 1000, images_per_group: Optional[int] = None) -> Iterator[Prediction]:
@@ -243,7 +263,7 @@ class Smooth:
         def jobs(group):
             return [Job(x, i, 0, n) for i, x in group]
 
-        for group, counts, seconds in self._run_groups(items, group_size, jobs, batch_size):
+        for group, counts, seconds in self._run_groups(self._checked(items), group_size, jobs, batch_size):
             for (index, _), c in zip(group, counts):
                 yield Prediction(predict_from_counts(c.tolist(), alpha), n, alpha, c, index, seconds)
 
@@ -253,5 +273,5 @@ class Smooth:
         """Monte-Carlo estimate over n copies: vote frequencies of the hard smoothed classifier g, or
         with soft=True the mean softmax of the soft smoothed classifier G. An estimate, no bound."""
         n, batch_size = check_positive_int("n", n), check_positive_int("batch_size", batch_size)
-        totals = self.sampler.run([Job(x, self._index(image_index), 0, n)], batch_size, soft=soft)[0]
+        totals = self.sampler.run([Job(self._image(x), self._index(image_index), 0, n)], batch_size, soft=soft)[0]
         return totals.double() / n

@@ -2,13 +2,15 @@
 stability training (Li et al. 2019, as in rs4a); SGD, step or cosine schedule.
 
 One epoch = one shuffled pass over the data; each batch is perturbed with the same noise object and
-sampler that certification uses (``noise.sample``, float32) and the model is trained on the noisy
-batch. Everything random is drawn from explicitly seeded generators (shuffling, augmentation and
-noise; the model's initialization is the caller's), so a run is reproducible for a seed and does not
-depend on, or disturb, torch's global seed.
+samplers that certification uses (float32, the counter-based stream of fastsmooth/seeding.py) and
+the model is trained on the noisy batch. Everything random (shuffling, augmentation, noise; the
+model's initialization is the caller's) is a word of that stream under the run's seed, in domains of
+their own (seeding.DOMAIN_TRAIN, DOMAIN_DATA, DOMAIN_EVALUATE): a run is reproducible for a seed, a
+resumed run sees what an unbroken one saw, no generator is seeded through a 32-bit state, and
+torch's global seed is neither used nor disturbed.
 
 Extending the loop: ``train(..., loss_fn=...)`` takes a function
-``loss_fn(model, x, y, noise, generator) -> (loss, logits)`` that replaces the default
+``loss_fn(model, x, y, noise, draws) -> (loss, logits)`` (draws: a ``NoiseDraws``) that replaces the default
 ``noise_augmentation_loss`` (logits: (B, K), one row per image, for the running accuracy). A loss_fn
 with a ``set_epoch(epoch)`` method (0-based) is told the epoch before each one starts (the SmoothAdv
 warmup). The two built in:
@@ -43,11 +45,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import widen
+from .backends import draw_noise
+from .kernels.philox import counter_words, stream_permutation
+from .seeding import DOMAIN_DATA, DOMAIN_EVALUATE, DOMAIN_TRAIN
 
 __all__ = [
     "EpochStats",
     "TrainResult",
     "noise_augmentation_loss",
+    "NoiseDraws",
     "sample_noise_copies",
     "warmup_epsilon",
     "SmoothAdvLoss",
@@ -62,7 +68,25 @@ __all__ = [
     "run",
 ]
 
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, object, Optional[torch.Generator]],
+class NoiseDraws:
+    """Training noise from the stream: the draws of one epoch are copies 0, 1, 2, ... of image index
+    ``epoch`` under ``seed`` in ``domain`` (seeding.DOMAIN_TRAIN), so that no two draws of a run share
+    a word and a resumed run draws what an unbroken one drew."""
+
+    def __init__(self, seed: int, epoch: int, device, domain: int = DOMAIN_TRAIN):
+        self.seed, self.epoch, self.device, self.domain = int(seed), int(epoch), torch.device(device), domain
+        self.next_copy = 0
+
+    def sample(self, noise, shape) -> torch.Tensor:
+        """Float32 noise of ``shape`` = (copies, *input_shape) on the device: the next copies."""
+        shape = tuple(int(s) for s in shape)
+        eps = draw_noise(noise, shape[0], shape[1:], seed=self.seed, image_index=self.epoch,
+                         first_copy=self.next_copy, domain=self.domain, device=self.device)
+        self.next_copy += shape[0]
+        return eps
+
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, object, Optional[NoiseDraws]],
                   Tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -85,18 +109,18 @@ class TrainResult:
 
 
 def noise_augmentation_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, noise,
-                            generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
+                            draws: Optional[NoiseDraws]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of the model on x + eps, eps ~ noise drawn per image in float32 (Cohen et al.)."""
     if noise is not None:
-        x = x + noise.sample(tuple(x.shape), generator).to(x.device)
+        x = x + draws.sample(noise, tuple(x.shape)).to(x.device)
     logits = model(x)
     return F.cross_entropy(logits, y), logits
 
 
-def sample_noise_copies(noise, x: torch.Tensor, m: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+def sample_noise_copies(noise, x: torch.Tensor, m: int, draws: NoiseDraws) -> torch.Tensor:
     """m independent float32 noise draws per image of x: shape (B, m, *x.shape[1:]), on x's device."""
     b = x.shape[0]
-    eps = noise.sample((b * m, *x.shape[1:]), generator).to(x.device)
+    eps = draws.sample(noise, (b * m, *x.shape[1:])).to(x.device)
     return eps.reshape(b, m, *x.shape[1:])
 
 
@@ -115,7 +139,7 @@ class SmoothAdvLoss:
     num_noise_vec: m, the noise draws per image (the attack's Monte Carlo sample, fixed across its
     steps). multi_noise: the loss is the mean cross-entropy over all m copies x + delta + eps_j
     (--train-multi-noise) instead of the first copy only. The noise comes from the loop's Noise object
-    and generator (float32, the certification sampler).
+    and draws (float32, the certification samplers).
     """
 
     def __init__(self, attack, epsilon: float, num_noise_vec: int = 1, multi_noise: bool = False,
@@ -134,11 +158,11 @@ class SmoothAdvLoss:
     def set_epoch(self, epoch: int) -> None:
         self.attack.epsilon = warmup_epsilon(self.epsilon, epoch, self.warmup)
 
-    def __call__(self, model, x, y, noise, generator):
+    def __call__(self, model, x, y, noise, draws):
         if noise is None:
             raise ValueError("SmoothAdv needs a noise (the smoothed classifier is attacked)")
         m = self.num_noise_vec
-        eps = sample_noise_copies(noise, x, m, generator)
+        eps = sample_noise_copies(noise, x, m, draws)
         x_adv = self.attack(model, x, y, eps)
         if self.multi_noise:
             logits = model((x_adv.unsqueeze(1) + eps).reshape(-1, *x.shape[1:]))
@@ -167,10 +191,10 @@ class StabilityLoss:
             raise ValueError(f"the stability weight must be >= 0, got {weight!r}")
         self.weight = float(weight)
 
-    def __call__(self, model, x, y, noise, generator):
+    def __call__(self, model, x, y, noise, draws):
         if noise is None:
             raise ValueError("stability training needs a noise")
-        eps = sample_noise_copies(noise, x, 2, generator)
+        eps = sample_noise_copies(noise, x, 2, draws)
         logits = model((x.unsqueeze(1) + eps).transpose(0, 1).reshape(-1, *x.shape[1:]))
         logits1, logits2 = logits[:x.shape[0]], logits[x.shape[0]:]
         return stability_loss(logits1, logits2, y, self.weight), logits1
@@ -202,16 +226,20 @@ def resolve_device(device) -> torch.device:
     return torch.device(device)
 
 
-def _batches(dataset, batch_size: int, shuffle: bool, generator: torch.Generator, device, workers: int = 0):
-    """Yield (x, y) on ``device``. In-memory datasets (with get_batch) skip the DataLoader."""
+def _batches(dataset, batch_size: int, device, workers: int = 0, seed: int = 0, epoch: Optional[int] = None):
+    """Yield (x, y) on ``device``: shuffled by the stream (DOMAIN_DATA, image index = epoch) unless
+    ``epoch`` is None. In-memory datasets (with get_batch) skip the DataLoader; their augmentation
+    takes three stream words per image (DOMAIN_DATA + 1)."""
     n = len(dataset)
+    order = torch.arange(n) if epoch is None else stream_permutation(seed, DOMAIN_DATA, epoch, n)
     if hasattr(dataset, "get_batch"):
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for start in range(0, n, batch_size):
-            x, y = dataset.get_batch(order[start:start + batch_size], generator)
+            idx = order[start:start + batch_size]
+            words = None if epoch is None else counter_words(seed, DOMAIN_DATA + 1, epoch, 3 * start, 3 * len(idx))
+            x, y = dataset.get_batch(idx, words)
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         return
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(),
                                          num_workers=workers, pin_memory=device.type == "cuda")
     for x, y in loader:
         yield x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
@@ -225,8 +253,8 @@ def train(model: nn.Module, dataset, noise, *, epochs: int, batch_size: int = 25
           on_epoch_end: Optional[Callable[[EpochStats, "TrainResult"], None]] = None) -> TrainResult:
     """Train ``model`` on ``dataset`` with noise augmentation; returns a TrainResult.
 
-    noise: a fastsmooth Noise (None trains on clean inputs). Each batch gets fresh noise from a
-    generator on ``device`` seeded from ``seed``; shuffling uses a CPU generator seeded likewise.
+    noise: a fastsmooth Noise (None trains on clean inputs). Each batch gets fresh noise from the
+    stream under ``seed`` (NoiseDraws); the data order and augmentation come from it too.
     schedule: "cosine" (per step, to 0) or "step" (x gamma every step_size epochs).
     optimizer / scheduler / start_epoch: continue a run (--resume); epochs is the total count.
     amp: bfloat16 autocast for the forward passes: True, False, or "auto" (on CUDA devices that
@@ -251,18 +279,17 @@ def train(model: nn.Module, dataset, noise, *, epochs: int, batch_size: int = 25
     set_epoch = getattr(loss_fn, "set_epoch", None)
 
     for epoch in range(start_epoch, epochs):
-        # Seeds per epoch, so that a resumed run sees the same data order and noise as an unbroken one.
-        shuffle_gen = torch.Generator().manual_seed(_mix(seed, epoch, 0))
-        noise_gen = torch.Generator(device=device).manual_seed(_mix(seed, epoch, 1))
+        # Keyed by the epoch, so that a resumed run sees the same data order and noise as an unbroken one.
+        draws = NoiseDraws(seed, epoch, device)
         if set_epoch is not None:
             set_epoch(epoch)
         model.train()
         lr_now = optimizer.param_groups[0]["lr"]
         total_loss, correct, seen, began = 0.0, 0, 0, time.perf_counter()
         bar = _progress(progress, steps_per_epoch, f"epoch {epoch + 1}/{epochs}")
-        for x, y in _batches(dataset, batch_size, True, shuffle_gen, device, workers):
+        for x, y in _batches(dataset, batch_size, device, workers, seed, epoch):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss, logits = loss_fn(model, x, y, noise, noise_gen)
+                loss, logits = loss_fn(model, x, y, noise, draws)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -293,17 +320,6 @@ def _use_amp(amp, device: torch.device) -> bool:
     raise ValueError(f"amp must be True, False or 'auto', got {amp!r}")
 
 
-def _mix(seed: int, *parts: int) -> int:
-    """A 63-bit seed from (seed, parts): splitmix64 steps, so nearby seeds give unrelated streams."""
-    z = int(seed) & 0xFFFFFFFFFFFFFFFF
-    for p in parts:
-        z = (z + 0x9E3779B97F4A7C15 + (int(p) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-        z ^= z >> 31
-    return z & 0x7FFFFFFFFFFFFFFF
-
-
 def _progress(enabled: bool, total: int, desc: str):
     if not enabled:
         return None
@@ -316,15 +332,15 @@ def _progress(enabled: bool, total: int, desc: str):
 def evaluate(model: nn.Module, dataset, noise=None, *, batch_size: int = 1000, device=None,
              seed: int = 0) -> Tuple[float, float]:
     """(mean cross-entropy, accuracy) of ``model`` on ``dataset``, each image perturbed once by
-    ``noise`` (None: clean) from a generator seeded with ``seed``."""
+    ``noise`` (None: clean) from the stream under ``seed`` (seeding.DOMAIN_EVALUATE)."""
     device = resolve_device(device)
     was_training = model.training
     model.to(device).eval()
-    gen = torch.Generator(device=device).manual_seed(_mix(seed, 0, 2))
+    draws = NoiseDraws(seed, 0, device, DOMAIN_EVALUATE)
     total_loss, correct, seen = 0.0, 0, 0
-    for x, y in _batches(dataset, batch_size, False, torch.Generator(), device):
+    for x, y in _batches(dataset, batch_size, device):
         if noise is not None:
-            x = x + noise.sample(tuple(x.shape), gen).to(device)
+            x = x + draws.sample(noise, tuple(x.shape)).to(device)
         logits = model(x)
         total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())

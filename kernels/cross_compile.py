@@ -35,38 +35,44 @@ CASES = (((3, 32, 32), "bfloat16", "channels_last"), ((3, 32, 32), "float32", "c
 
 def _perturb_variants():
     """(label, kernel, signature, constexprs, options) of the perturbation kernels, with the tile
-    configurations and compiler options that ``perturb_packed`` uses on CUDA."""
+    configurations and compiler options that ``perturb_packed`` uses on CUDA, in float mode and on
+    the grid (int32 grid indices in, alias tables or ExpInf's float64 rounding)."""
     import importlib
     import math
 
     pk = importlib.import_module("fastsmooth.kernels.perturb")  # the module: the package's `perturb` is a function
+    from fastsmooth.kernels.samplers import MAX_GAMMA_ITERATIONS, NOISE_IDS
+
     wide = None
     for noise in NOISES:
         boosts = (False, True) if noise == "expinf" else (False,)
         for (shape, dtype, layout) in CASES:
             dim = math.prod(shape)
             for boost in boosts:
-                label = f"perturb {noise}{' boost' if boost else ''} {dtype} {layout} {'x'.join(map(str, shape))}"
-                common = dict(x_ptr=POINTER["float32"], out_ptr=POINTER[dtype], params_ptr="*fp64", lam="fp32",
-                              k0="i64", k1=INT32, slot=INT32, image=INT32, first_copy=INT32)
-                if layout == "channels_last":
-                    cfg = pk.channels_last_config(shape[0], "cuda", noise)
-                    sig = dict(common, row0=INT32, D=INT32, C=INT32, HW=INT32, s0=INT32)
-                    const = dict(NOISE=pk.NOISE_IDS[noise], CP=cfg["CP"], PG=cfg["PG"], BOOST=boost,
-                                 MAX_IT=pk.MAX_GAMMA_ITERATIONS, BF16_BITS=False)
-                    yield label, pk._perturb_cl_kernel, sig, const, dict(pk.CUDA_OPTIONS, num_warps=cfg["num_warps"])
-                else:
-                    cfg = pk.choose_config(dim, 1000, "cuda", noise)
-                    sig = dict(common, count=INT32, row0=INT32, D=INT32, D2=INT32, D3=INT32, s0=INT32,
-                               s1=INT32, s2=INT32, s3=INT32)
-                    const = dict(NOISE=pk.NOISE_IDS[noise], ROWS=cfg["ROWS"], P=cfg["P"],
-                                 CONTIG=layout == "contiguous", BOOST=boost, MAX_IT=pk.MAX_GAMMA_ITERATIONS,
-                                 BF16_BITS=False)
-                    options = dict(pk.CUDA_OPTIONS, num_warps=cfg["num_warps"])
-                    if wide is None and layout == "contiguous" and noise == "laplace":
-                        wide = (label + " i64", pk._perturb_kernel,
-                                {k: "i64" if v == INT32 else v for k, v in sig.items()}, const, options)
-                    yield label, pk._perturb_kernel, sig, const, options
+                for grid in (0, 1):
+                    label = (f"perturb {noise}{' boost' if boost else ''}{' grid' if grid else ''} {dtype} {layout} "
+                             f"{'x'.join(map(str, shape))}")
+                    common = dict(x_ptr="*i32" if grid else POINTER["float32"], out_ptr=POINTER[dtype],
+                                  params_ptr="*fp64", t_hi_ptr="*i32", t_lo_ptr="*i32", alias_ptr="*i32", lam="fp32",
+                                  k0="i64", k1=INT32, domain=INT32, slot=INT32, image=INT32, first_copy=INT32)
+                    flags = dict(NOISE=NOISE_IDS[noise], BOOST=boost, MAX_IT=MAX_GAMMA_ITERATIONS, BF16_BITS=False,
+                                 GRID=grid, BITS=12)
+                    if layout == "channels_last":
+                        cfg = pk.channels_last_config(shape[0], "cuda", noise)
+                        sig = dict(common, row0=INT32, D=INT32, C=INT32, HW=INT32, s0=INT32, grid_value="fp32",
+                                   offset=INT32)
+                        const = dict(flags, CP=cfg["CP"], PG=cfg["PG"])
+                        yield label, pk._perturb_cl_kernel, sig, const, dict(pk.CUDA_OPTIONS, num_warps=cfg["num_warps"])
+                    else:
+                        cfg = pk.choose_config(dim, 1000, "cuda", noise)
+                        sig = dict(common, count=INT32, row0=INT32, D=INT32, D2=INT32, D3=INT32, s0=INT32,
+                                   s1=INT32, s2=INT32, s3=INT32, grid_value="fp32", offset=INT32)
+                        const = dict(flags, ROWS=cfg["ROWS"], P=cfg["P"], CONTIG=layout == "contiguous")
+                        options = dict(pk.CUDA_OPTIONS, num_warps=cfg["num_warps"])
+                        if wide is None and layout == "contiguous" and noise == "laplace":
+                            wide = (label + " i64", pk._perturb_kernel,
+                                    {k: "i64" if v == INT32 else v for k, v in sig.items()}, const, options)
+                        yield label, pk._perturb_kernel, sig, const, options
     yield wide
 
 

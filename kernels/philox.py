@@ -1,75 +1,38 @@
-"""Philox4x32-10: the counter-based generator behind the noise kernels, in Triton and in pure torch.
+"""Philox4x32-10, the counter-based generator behind all of fastsmooth's noise: in Triton and in torch.
 
 Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011) maps a
-128-bit counter (c0, c1, c2, c3) and a 64-bit key (k0, k1) to four 32-bit words. It is the stream
-of ``tl.randint4x`` / ``tl.rand`` / ``tl.randn`` (triton.language.random, unchanged from triton 3.0
-to 3.9): ``tl.randint4x(seed, offset)`` is Philox with key (seed & 0xFFFFFFFF, seed >> 32) and
-counter (offset & 0xFFFFFFFF, offset >> 32, 0, 0).
+128-bit counter (c0, c1, c2, c3) and a 64-bit key (k0, k1) to four 32-bit words; it is the stream of
+``tl.randint4x`` (triton.language.random: key (seed & 0xFFFFFFFF, seed >> 32), counter (offset low,
+offset high, 0, 0)), which tests/test_kernels_philox.py checks.
 
-This module holds
-* ``philox4x32`` -- the Triton device function (uint32 in, four uint32 words out), bit-identical
-  to ``tl.philox`` for 32-bit counters; written here so that the kernels rely on no API newer
-  than triton 3.0 and on nothing private;
-* ``philox4x32_reference`` -- the same function in pure torch (int64 arithmetic emulating uint32,
-  so it runs on any device and in any torch), and torch emulations of ``tl.randint4x``,
-  ``tl.rand`` and ``tl.randn`` used by the tests to pin the stream to Triton's own;
-* the noise keying scheme shared by the kernels and their torch references (``noise_counters``).
+* ``philox4x32`` -- the Triton device function (uint32 in, four uint32 words out), written here so
+  that the kernels rely on no API newer than triton 3.0 and on nothing private;
+* ``philox4x32_reference`` -- its torch twin (int64 arithmetic emulating uint32, on any device);
+* ``group_words`` / ``element_words`` -- the words of whole copies under the keying scheme of
+  fastsmooth/seeding.py (key = seed; counter = (element group, copy, image, domain + tag)).
 
-Keying scheme of fastsmooth's noise (DESIGN §5: the noise is a pure function of
-(seed, image index, copy index, element index)):
-
-    key     (k0, k1) = (seed mod 2^32, (seed >> 32) mod 2^32)       seed taken mod 2^64
-    counter (c0, c1, c2, c3) = (group, copy index, image index, stream tag)
-
-Element e of a copy belongs to the group and lane
-
-    chunk = e // 512,  lane = (e // 128) % 4,  group = chunk * 128 + e % 128
-
-and takes word ``lane`` of Philox(group, copy, image, TAG_ELEMENT). A chunk is 512 consecutive
-elements, one Philox call feeds four elements 128 apart, so a program stores four contiguous runs
-of 128 elements and every Philox word is used (no 64-bit offset arithmetic: copies * d exceeding
-2^32, as for ImageNet, is no concern since copy and element sit in different counter words).
-Per-copy draws (ExpInf's radius, face and sign) use the tags TAG_GAMMA (c0 = rejection iteration)
-and TAG_COPY (c0 = 0). The rare Laplace element whose 31 magnitude bits are all zero takes word
-``lane`` of Philox(group, copy, image, TAG_LAPLACE_TAIL) for 31 more bits.
-Limits: copy index, image index < 2^32, d < 2^31.
+The native CPU twin is fastsmooth/native/noise.c.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import triton
-import triton.language as tl
 
-MASK32 = 0xFFFFFFFF
+from ..seeding import CHUNK, LANE_RUN, MASK32, TAG_ELEMENT, groups_for, philox_key
+from .jit import jit, tl
+
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
 PHILOX_ROUND_A = 0xD2511F53
 PHILOX_ROUND_B = 0xCD9E8D57
 N_ROUNDS = 10
 
-# Keying scheme (see the module docstring); the kernels use the same numbers as constexprs.
-LANE_RUN = 128              # elements of one lane inside a chunk
-CHUNK = 4 * LANE_RUN        # elements fed by LANE_RUN Philox calls
-TAG_ELEMENT = 0             # c3 of the per-element noise words
-TAG_GAMMA = 1               # c3 of ExpInf's Marsaglia-Tsang iterations (c0 = iteration)
-TAG_COPY = 2                # c3 of ExpInf's face index, sign and boost uniform (c0 = 0)
-TAG_LAPLACE_TAIL = 3        # c3 of the Laplace magnitude's refinement words (same c0 as the element)
-
-
-def split_seed(seed: int) -> tuple[int, int]:
-    """(k0, k1): the Philox key of a seed, taken modulo 2^64 (as torch.manual_seed does)."""
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return seed & MASK32, seed >> 32
-
 
 # ------------------------------------------------------------------------------------------
 # Triton
 # ------------------------------------------------------------------------------------------
 
-@triton.jit
+@jit
 def philox4x32(c0, c1, c2, c3, k0, k1):
     """Philox4x32-10 on uint32 tensors (counter c0..c3, key k0, k1): four uint32 words."""
     for _ in tl.static_range(10):
@@ -100,7 +63,8 @@ def _mul_hilo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
 def philox4x32_reference(c0, c1, c2, c3, k0: int, k1: int, rounds: int = N_ROUNDS):
     """Philox4x32 in torch: counters are int64 tensors (or ints) holding uint32 values, broadcast
     together; returns four int64 tensors of uint32 words, equal to the Triton function's."""
-    c0, c1, c2, c3 = torch.broadcast_tensors(*[torch.as_tensor(c, dtype=torch.int64) & MASK32
+    device = next((c.device for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor)), None)
+    c0, c1, c2, c3 = torch.broadcast_tensors(*[torch.as_tensor(c, dtype=torch.int64, device=device) & MASK32
                                                for c in (c0, c1, c2, c3)])
     k0, k1 = int(k0) & MASK32, int(k1) & MASK32
     for _ in range(rounds):
@@ -116,53 +80,41 @@ def to_int32(w: torch.Tensor) -> torch.Tensor:
     return torch.where(w >= 2 ** 31, w - 2 ** 32, w)
 
 
-def randint4x_reference(seed: int, offset) -> tuple[torch.Tensor, ...]:
-    """``tl.randint4x(seed, offset)`` for a 64-bit ``offset`` tensor: four int64 tensors holding the
-    uint32 words (``to_int32`` gives the same bits as signed int32 values)."""
-    offset = torch.as_tensor(offset, dtype=torch.int64)
-    k0, k1 = split_seed(seed)
-    words = philox4x32_reference(offset & MASK32, (offset >> 32) & MASK32, 0, 0, k0, k1)
-    return words
-
-
-def uint_to_uniform_float_reference(w: torch.Tensor) -> torch.Tensor:
-    """``tl.uint_to_uniform_float`` of 32-bit words: 31-bit uniforms in [0, 1) as float32."""
-    x = to_int32(w & MASK32)
-    x = torch.where(x < 0, -x - 1, x)              # ~x on int32
-    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
-
-
-def rand_reference(seed: int, offset) -> torch.Tensor:
-    """``tl.rand(seed, offset)`` (float32 in [0, 1), 31 bits of resolution)."""
-    w0, _, _, _ = randint4x_reference(seed, offset)
-    return uint_to_uniform_float_reference(w0)
-
-
-def randn_reference(seed: int, offset) -> torch.Tensor:
-    """``tl.randn(seed, offset)``: Box-Muller on the first two words, u1 floored at 1e-7 (so |z| is
-    cut at sqrt(-2 log 1e-7) = 5.68; float32 transcendental functions, equal within rounding)."""
-    w0, w1, _, _ = randint4x_reference(seed, offset)
-    u1 = torch.clamp(uint_to_uniform_float_reference(w0), min=1.0e-7)
-    u2 = uint_to_uniform_float_reference(w1)
-    th = torch.tensor(6.283185307179586, dtype=torch.float32) * u2
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(th)
-
-
-def noise_counters(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def element_counters(dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(group, lane) of elements 0..dim-1 under the keying scheme (int64 tensors of length dim)."""
-    e = torch.arange(dim, dtype=torch.int64)
-    group = (e // CHUNK) * LANE_RUN + e % LANE_RUN
-    lane = (e // LANE_RUN) % 4
-    return group, lane
+    e = torch.arange(int(dim), dtype=torch.int64, device=device)
+    return (e // CHUNK) * LANE_RUN + e % LANE_RUN, (e // LANE_RUN) % 4
 
 
-def group_words(seed: int, image_index, copy_index, dim: int, tag: int = TAG_ELEMENT) -> torch.Tensor:
-    """The Philox words (stream ``tag``) of every element group of copies: int64 (len(copy_index),
-    groups, 4) of uint32 values. ``image_index`` and ``copy_index`` are ints or 1-D int64 tensors (broadcast
-    together)."""
-    copy_index = torch.as_tensor(copy_index, dtype=torch.int64).reshape(-1, 1)
-    image_index = torch.as_tensor(image_index, dtype=torch.int64).reshape(-1, 1)
-    k0, k1 = split_seed(seed)
-    ngroups = math.ceil(dim / CHUNK) * LANE_RUN
-    groups = torch.arange(ngroups, dtype=torch.int64).reshape(1, -1)
+def group_words(seed: int, image_index, copy_index, dim: int, tag: int = TAG_ELEMENT, device=None) -> torch.Tensor:
+    """The Philox words (counter word c3 = ``tag``, domain included) of every element group of copies:
+    int64 (copies, groups, 4) of uint32 values. ``image_index`` and ``copy_index`` are ints or 1-D
+    int64 tensors (broadcast together)."""
+    copy_index = torch.as_tensor(copy_index, dtype=torch.int64, device=device).reshape(-1, 1)
+    image_index = torch.as_tensor(image_index, dtype=torch.int64, device=copy_index.device).reshape(-1, 1)
+    k0, k1 = philox_key(seed)
+    groups = torch.arange(groups_for(dim), dtype=torch.int64, device=copy_index.device).reshape(1, -1)
     return torch.stack(philox4x32_reference(groups, copy_index, image_index, tag, k0, k1), -1)
+
+
+def element_words(seed: int, image_index, copy_index, dim: int, tag: int = TAG_ELEMENT, device=None) -> torch.Tensor:
+    """Each element's own word: int64 (copies, dim) of uint32 values (word ``lane`` of its group)."""
+    words = group_words(seed, image_index, copy_index, dim, tag, device)
+    group, lane = element_counters(dim, words.device)
+    return words[:, group, lane]
+
+
+def counter_words(seed: int, tag: int, index: int, first: int, count: int) -> torch.Tensor:
+    """Words first .. first + count - 1 of the run (c0 + 2^32 c1 = word // 4, c2 = index, c3 = tag):
+    int64 (count,) of uint32 values, on the CPU. For data order and augmentation (seeding.DOMAIN_DATA)."""
+    k0, k1 = philox_key(seed)
+    words = torch.arange(int(first), int(first) + int(count), dtype=torch.int64)
+    block = words // 4
+    out = torch.stack(philox4x32_reference(block & MASK32, block >> 32, index, tag, k0, k1), -1)
+    return out.gather(1, (words % 4)[:, None])[:, 0]
+
+
+def stream_permutation(seed: int, tag: int, index: int, n: int) -> torch.Tensor:
+    """A uniformly random permutation of range(n) (int64): the order of 62-bit keys from two words each."""
+    w = counter_words(seed, tag, index, 0, 2 * int(n)).reshape(-1, 2)
+    return torch.argsort((w[:, 0] << 30) ^ w[:, 1], stable=True)

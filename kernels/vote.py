@@ -9,13 +9,12 @@ Logits may be float32, bfloat16 or float16 (compared in float32, which is exact)
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from .perturb import check_device
+from .jit import jit, tl
+from .perturb import _next_pow2, check_device
 
 
-@triton.jit
+@jit
 def _vote_kernel(logits_ptr, slots_ptr, counts_ptr, nonfinite_ptr, B, K, stride_b, stride_k,
                  stride_cm, stride_ck, ROWS: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
@@ -65,7 +64,7 @@ def vote(logits: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor, nonfin
     check_device(logits)
     slots = slots.to(device=logits.device, dtype=torch.int64).contiguous()
     ROWS, BK, warps = launch_config(B, K, logits.device.type)
-    grid = (triton.cdiv(B, ROWS),)
+    grid = (-(-B // ROWS),)
     _vote_kernel[grid](logits, slots, counts, nonfinite, B, K, logits.stride(0), logits.stride(1),
                        counts.stride(0), counts.stride(1), ROWS=ROWS, BK=BK, num_warps=warps)
 
@@ -73,17 +72,16 @@ def vote(logits: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor, nonfin
 def launch_config(rows: int, classes: int, device_type: str) -> tuple[int, int, int]:
     """(ROWS, BK, num_warps) of the vote kernel for ``rows`` rows of ``classes`` logits: blocks of BK
     classes, at most 2048 elements per program on a GPU (larger blocks in the interpreter)."""
-    BK = min(triton.next_power_of_2(classes), 2048 if device_type == "cuda" else 4096)
-    ROWS = max(1, min(triton.next_power_of_2(rows), (2048 if device_type == "cuda" else 16384) // BK))
+    BK = min(_next_pow2(classes), 2048 if device_type == "cuda" else 4096)
+    ROWS = max(1, min(_next_pow2(rows), (2048 if device_type == "cuda" else 16384) // BK))
     return ROWS, BK, 4 if ROWS * BK <= 1024 else 8
 
 
 def vote_reference(logits: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor,
                    nonfinite: torch.Tensor) -> None:
-    """``vote`` in torch: torch.argmax (ties to the lowest index) and scatter_add, non-finite rows
-    counted apart."""
+    """``vote`` in torch, on any device and without a host sync: torch.argmax (ties to the lowest
+    index) and a scatter_add weighted by finiteness (a non-finite row adds 0 and is counted apart)."""
     finite = torch.isfinite(logits).all(dim=1)
     nonfinite += (~finite).sum()
-    idx = logits.float().argmax(dim=1)
-    flat = slots.to(torch.int64)[finite] * counts.shape[1] + idx[finite]
-    counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
+    flat = slots.to(torch.int64) * counts.shape[1] + logits.argmax(dim=1)
+    counts.view(-1).scatter_add_(0, flat, finite.to(counts.dtype))

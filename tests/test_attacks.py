@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from fastsmooth.backends import draw_noise
 from fastsmooth.attacks import (SmoothAdvPGD, ascent_direction, project, project_l1, project_l2, project_linf,
                                 soft_smoothed_loss)
 from fastsmooth.noises import Gaussian, Laplace
@@ -178,7 +179,7 @@ def test_attack_raises_the_soft_smoothed_loss(norm, epsilon):
     gen = torch.Generator().manual_seed(3)
     x = torch.rand(32, 1, 8, 8, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 5, (32,), generator=gen)
-    noise = (Gaussian if norm == "l2" else Laplace)(sigma=0.25).sample((32 * 4, 1, 8, 8), gen)
+    noise = draw_noise((Gaussian if norm == "l2" else Laplace)(sigma=0.25), 32 * 4, (1, 8, 8), seed=3, image_index=0)
     noise = noise.reshape(32, 4, 1, 8, 8).double()
     held = noise.clone()
     attack = SmoothAdvPGD(norm, epsilon, num_steps=3)

@@ -165,9 +165,15 @@ def test_cifar10_batches(tmp_path, bytes_keys):
     assert torch.allclose(x, torch.from_numpy(raw).float() / 255)
     train = get_dataset("cifar10", "train", root=tmp_path / "cifar-10-batches-py", augment=True)
     assert len(train) == 20
-    xb, yb = train.get_batch(torch.arange(6), torch.Generator().manual_seed(0))
+    xb, yb = train.get_batch(torch.arange(6))
     assert xb.shape == (6, 3, 32, 32) and yb.shape == (6,)
     assert float(xb.min()) >= 0.0 and float(xb.max()) <= 1.0
+    # three words per image: crop offsets floor(9 w / 2^32) (4 = no shift) and the flip bit
+    still = torch.full((6,), 2 ** 31, dtype=torch.int64)                # offsets 4, 4, flip 0
+    flip = torch.tensor([2 ** 31, 2 ** 31, 1] * 2, dtype=torch.int64)   # offsets 4, 4, flip 1
+    originals = train._to_float(train.images[:2])
+    assert torch.equal(train.get_batch(torch.arange(2), still)[0], originals)
+    assert torch.equal(train.get_batch(torch.arange(2), flip)[0], originals.flip(-1))
 
 
 def test_cifar10_missing_and_malicious(tmp_path):

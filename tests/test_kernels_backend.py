@@ -5,8 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastsmooth.kernels import (TritonBackend, perturb_packed_reference, sampler_tv_bound,
-                                vote_reference)
+from fastsmooth.kernels import NoisePlan, TritonBackend, perturb_packed_reference, stream_tau, vote_reference
 from fastsmooth.noises import make_noise
 from fastsmooth.sampler import Job, Sampler, Segment
 
@@ -40,7 +39,8 @@ def test_protocol_fill_and_vote():
     vote_reference(logits.cpu(), slots.cpu(), c2, b2)
     assert torch.equal(counts.cpu(), c2) and torch.equal(bad.cpu(), b2)
 
-    assert backend.tv_bound(noise, 16) == sampler_tv_bound(noise, 16)
+    assert backend.tv_bound(noise, 16) == stream_tau(NoisePlan(noise, 16))
+    assert backend.tv_bound(noise, 16, 255) == stream_tau(NoisePlan(noise, 16, 255))
 
 
 @pytest.mark.parametrize("spec", [dict(name="gaussian", sigma=0.5), dict(name="expinf", k=1.0, sigma=0.5)],
@@ -59,6 +59,7 @@ def test_engine_counts_independent_of_batch_and_packing(spec):
                               Job(images[2], 12, 0, 33)], batch_size=batch)
         assert torch.equal(packed[1], alone[0]), batch
     assert int(alone.sum()) == 250
+    assert int((alone[0] > 0).sum()) >= 2      # the votes spread: a wrongly keyed copy would change them
 
 
 def test_smooth_certify_through_triton():

@@ -24,7 +24,8 @@ def test_every_launch_variant_compiles_for_the_gpu(arch, tmp_path):
     labels = [label for label, *_ in cross_compile.variants()]
     assert len(lines) == len(labels) and all(line.startswith(f"ok    sm_{arch}") for line in lines)
     assert all(label in line for label, line in zip(labels, lines))
-    for part in ("gaussian", "laplace", "uniform", "expinf boost", "channels_last", "strided", "bfloat16", "vote"):
+    for part in ("gaussian", "laplace", "uniform", "expinf boost", "grid", "channels_last", "strided", "bfloat16",
+                 "vote"):
         assert any(part in label for label in labels), part
 
 

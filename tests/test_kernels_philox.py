@@ -6,11 +6,39 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsmooth.kernels.philox import (CHUNK, LANE_RUN, MASK32, noise_counters, philox4x32,
-                                       philox4x32_reference, rand_reference, randint4x_reference,
-                                       randn_reference, split_seed, to_int32)
+from fastsmooth.kernels.philox import element_counters, philox4x32, philox4x32_reference, to_int32
+from fastsmooth.seeding import CHUNK, LANE_RUN, MASK32, element_group_lane, philox_key as split_seed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# Emulations of Triton's own random functions, to pin philox4x32_reference to Triton's stream.
+def randint4x_reference(seed: int, offset) -> tuple:
+    """``tl.randint4x(seed, offset)`` for a 64-bit offset tensor: four int64 tensors of uint32 words."""
+    offset = torch.as_tensor(offset, dtype=torch.int64)
+    k0, k1 = split_seed(seed)
+    return philox4x32_reference(offset & MASK32, (offset >> 32) & MASK32, 0, 0, k0, k1)
+
+
+def uint_to_uniform_float_reference(w: torch.Tensor) -> torch.Tensor:
+    """``tl.uint_to_uniform_float`` of 32-bit words: 31-bit uniforms in [0, 1) as float32."""
+    x = to_int32(w & MASK32)
+    x = torch.where(x < 0, -x - 1, x)              # ~x on int32
+    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def rand_reference(seed: int, offset) -> torch.Tensor:
+    """``tl.rand(seed, offset)`` (float32 in [0, 1), 31 bits of resolution)."""
+    return uint_to_uniform_float_reference(randint4x_reference(seed, offset)[0])
+
+
+def randn_reference(seed: int, offset) -> torch.Tensor:
+    """``tl.randn(seed, offset)``: Box-Muller on the first two words, u1 floored at 1e-7."""
+    w0, w1, _, _ = randint4x_reference(seed, offset)
+    u1 = torch.clamp(uint_to_uniform_float_reference(w0), min=1.0e-7)
+    u2 = uint_to_uniform_float_reference(w1)
+    th = torch.tensor(6.283185307179586, dtype=torch.float32) * u2
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(th)
 
 
 @triton.jit
@@ -96,7 +124,8 @@ def test_device_philox_matches_reference():
 
 
 def test_keying_scheme_layout():
-    group, lane = noise_counters(3 * CHUNK + 5)
+    group, lane = element_counters(3 * CHUNK + 5)
+    assert all(element_group_lane(e) == (int(group[e]), int(lane[e])) for e in (0, 127, 128, 511, 512, 1540))
     # a chunk of 512 elements = 4 lanes of 128 consecutive elements, fed by 128 Philox calls
     assert group[:LANE_RUN].tolist() == list(range(LANE_RUN))
     assert lane[:CHUNK].reshape(4, LANE_RUN).tolist() == [[l] * LANE_RUN for l in range(4)]

@@ -13,7 +13,9 @@ from fastsmooth.data import DATASETS, TensorImageDataset
 from fastsmooth.models import load_checkpoint, read_checkpoint
 from fastsmooth.noises import Gaussian, Laplace, Uniform
 from fastsmooth.results import read_results
-from fastsmooth.train import (SmoothAdvLoss, StabilityLoss, sample_noise_copies, stability_loss, train,
+from fastsmooth.backends import draw_noise
+from fastsmooth.seeding import DOMAIN_TRAIN
+from fastsmooth.train import (NoiseDraws, SmoothAdvLoss, StabilityLoss, sample_noise_copies, stability_loss, train,
                               warmup_epsilon)
 
 
@@ -39,7 +41,7 @@ class _Recorder:
     def set_epoch(self, epoch):
         self.epochs.append(epoch)
 
-    def __call__(self, model, x, y, noise, generator):
+    def __call__(self, model, x, y, noise, draws):
         self.sizes.append(x.shape[0])
         logits = model(x)
         return F.cross_entropy(logits, y), logits
@@ -100,7 +102,7 @@ def _net():
 def test_stability_loss_uses_two_independent_draws():
     model = _Logged(_net())
     x, y = torch.rand(4, 1, 8, 8), torch.arange(4)
-    loss, logits = StabilityLoss(2.0)(model, x, y, Laplace(sigma=0.5), torch.Generator().manual_seed(1))
+    loss, logits = StabilityLoss(2.0)(model, x, y, Laplace(sigma=0.5), NoiseDraws(1, 0, "cpu"))
     (batch,) = model.inputs
     assert batch.shape == (8, 1, 8, 8) and logits.shape == (4, 10)
     e1, e2 = batch[:4] - x, batch[4:] - x
@@ -114,7 +116,7 @@ def test_smoothadv_loss(multi):
     x, y = torch.rand(4, 1, 8, 8), torch.arange(4)
     noise = Gaussian(sigma=0.25)
     fn = SmoothAdvLoss(SmoothAdvPGD("l2", 0.5, num_steps=2), epsilon=0.5, num_noise_vec=3, multi_noise=multi)
-    loss, logits = fn(model, x, y, noise, torch.Generator().manual_seed(2))
+    loss, logits = fn(model, x, y, noise, NoiseDraws(2, 0, "cpu"))
     assert logits.shape == (4, 10) and loss.requires_grad
     # two attack steps on 4 x 3 copies, then the training batch
     assert [t.shape[0] for t in model.inputs] == [12, 12, 12 if multi else 4]
@@ -129,13 +131,19 @@ def test_smoothadv_loss(multi):
     assert moved.abs().max() > 1e-3                      # (fresh noise would differ by about 2.8)
 
 
-def test_noise_copies_come_from_the_noise_object():
+def test_noise_copies_come_from_the_stream():
+    """Training noise is the certification stream's in the training domain: copies 0, 1, ... of image
+    index = epoch, consecutive across calls (no draw repeats another), never the certification words."""
     x = torch.zeros(3, 1, 4, 4)
-    eps = sample_noise_copies(Uniform(scale=0.5), x, 5, torch.Generator().manual_seed(0))
+    draws = NoiseDraws(seed=7, epoch=2, device="cpu")
+    eps = sample_noise_copies(Uniform(scale=0.5), x, 5, draws)
+    more = sample_noise_copies(Uniform(scale=0.5), x, 5, draws)
     assert eps.shape == (3, 5, 1, 4, 4) and eps.dtype == torch.float32
     assert float(eps.abs().max()) <= 0.5
-    ref = Uniform(scale=0.5).sample((15, 1, 4, 4), torch.Generator().manual_seed(0))
-    assert torch.equal(eps.reshape(15, 1, 4, 4), ref)
+    ref = draw_noise(Uniform(scale=0.5), 30, (1, 4, 4), seed=7, image_index=2, domain=DOMAIN_TRAIN)
+    assert torch.equal(torch.cat([eps, more]).reshape(30, 1, 4, 4), ref)
+    certify = draw_noise(Uniform(scale=0.5), 30, (1, 4, 4), seed=7, image_index=2)
+    assert not torch.equal(ref, certify)
 
 
 # -- the command line: train a checkpoint, certify it -----------------------------------------------

@@ -1,0 +1,347 @@
+/* The native CPU twin of the noise kernels (kernels/perturb.py, kernels/samplers.py).
+
+   Draws the very Philox4x32-10 words of the Triton kernels and of the torch reference under the keying
+   of fastsmooth/seeding.py (key = seed; counter = (element group, copy, image, domain + tag)) and
+   applies the same samplers:
+     float mode  out = cast(x + eps), eps in float32 (Box-Muller, -log U, S32, ExpInf's r S32);
+     grid mode   out = cast(fl32((k + nu) / G)), nu drawn exactly (alias tables; ExpInf in float64).
+   Grid-mode integers equal the other backends' exactly; float-mode values agree within the rounding
+   of the float32 logarithm, sine and cosine (polynomials below, within 2 ulps of the exact values).
+
+   Built by setup.py as the extension fastsmooth._native_noise (no Python API: fastsmooth/native_backend.py
+   calls fs_fill through ctypes, which releases the GIL, on one thread per core). The hot loops run over
+   the 128 groups of a chunk, so that the compiler vectorizes them; target_clones compiles them for
+   AVX-512, AVX2 and baseline x86-64, chosen at load time. No fused multiply-add (-ffp-contract=off):
+   the float32 operations are those of the kernels. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FS_CLONES
+#endif
+
+#define LANE 128
+#define CHUNK 512
+#define TAG_ELEMENT 0u
+#define TAG_GAMMA 1u
+#define TAG_COPY 2u
+#define TAG_LAPLACE_TAIL 3u
+#define TAG_GRID_LOW 4u
+
+enum { NOISE_GAUSSIAN = 0, NOISE_LAPLACE = 1, NOISE_UNIFORM = 2, NOISE_EXPINF = 3 };
+enum { OUT_F32 = 0, OUT_BF16 = 1, OUT_F16 = 2 };
+
+/* Everything a fill needs besides the segment; mirrored by ctypes in native_backend.py. */
+typedef struct {
+    int32_t noise;           /* NOISE_* */
+    int32_t grid;            /* 0: float mode; else G, inputs k / G */
+    int64_t dim;             /* elements of a copy */
+    float lam;               /* lambda in float32 (float mode) */
+    double lam64;            /* lambda in float64 (ExpInf) */
+    double dd, cc, inv_alpha, inv_k;   /* ExpInf: Marsaglia-Tsang constants, 1/k */
+    int32_t boost;           /* ExpInf: d/k < 1 */
+    int32_t max_iterations;  /* ExpInf: cap of Marsaglia-Tsang iterations */
+    uint32_t k0, k1;         /* Philox key */
+    uint32_t domain;         /* added to every tag */
+    int32_t bits;            /* alias table: log2 of the buckets */
+    int32_t offset;          /* alias table: bucket of nu = 0 */
+    const int32_t *t_hi;     /* alias thresholds, high bits */
+    const uint32_t *t_lo;    /* alias thresholds, low 32 bits */
+    const int32_t *alias;    /* alias buckets */
+    int32_t out_dtype;       /* OUT_* */
+    int32_t channels;        /* channels_last output with this many channels; 0: contiguous */
+} fs_plan;
+
+/* -- Philox4x32-10 (Salmon et al. 2011) ----------------------------------------------------- */
+
+static inline void philox(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1,
+                          uint32_t out[4]) {
+    for (int r = 0; r < 10; r++) {
+        uint64_t pa = (uint64_t)c0 * 0xD2511F53u, pb = (uint64_t)c2 * 0xCD9E8D57u;
+        uint32_t n0 = (uint32_t)(pb >> 32) ^ c1 ^ k0, n2 = (uint32_t)(pa >> 32) ^ c3 ^ k1;
+        c1 = (uint32_t)pb;
+        c3 = (uint32_t)pa;
+        c0 = n0;
+        c2 = n2;
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+    }
+    out[0] = c0; out[1] = c1; out[2] = c2; out[3] = c3;
+}
+
+/* The words of groups g0 .. g0 + n - 1 (n <= 128): w[l][t] is word l of group g0 + t. */
+static inline void philox_run(uint32_t g0, int n, uint32_t copy, uint32_t image, uint32_t tag, uint32_t k0,
+                              uint32_t k1, uint32_t w[4][LANE]) {
+    for (int t = 0; t < n; t++) {
+        uint32_t c0 = g0 + (uint32_t)t, c1 = copy, c2 = image, c3 = tag, a = k0, b = k1;
+        for (int r = 0; r < 10; r++) {
+            uint64_t pa = (uint64_t)c0 * 0xD2511F53u, pb = (uint64_t)c2 * 0xCD9E8D57u;
+            uint32_t n0 = (uint32_t)(pb >> 32) ^ c1 ^ a, n2 = (uint32_t)(pa >> 32) ^ c3 ^ b;
+            c1 = (uint32_t)pb;
+            c3 = (uint32_t)pa;
+            c0 = n0;
+            c2 = n2;
+            a += 0x9E3779B9u;
+            b += 0xBB67AE85u;
+        }
+        w[0][t] = c0; w[1][t] = c1; w[2][t] = c2; w[3][t] = c3;
+    }
+}
+
+/* -- float32 functions (vectorizable; Cephes' polynomials, Moshier 1992) -------------------- */
+
+static inline uint32_t bits_of(float f) { union { float f; uint32_t i; } u = { f }; return u.i; }
+static inline float float_of(uint32_t i) { union { uint32_t i; float f; } u = { i }; return u.f; }
+
+/* log x for normal x > 0 (the samplers' uniforms are >= 2^-62), branch-free: x = 2^e m with m in
+   [sqrt(1/2), sqrt(2)) by integer arithmetic on the bits (as musl's logf), then Cephes' polynomial for
+   log(1 + f), f = m - 1, and e log 2 in two parts. */
+static inline float fs_logf(float x) {
+    uint32_t ix = bits_of(x) + (0x3F800000u - 0x3F3504F3u);
+    float fe = (float)((int32_t)(ix >> 23) - 0x7F);
+    float f = float_of((ix & 0x007FFFFFu) + 0x3F3504F3u) - 1.0f, z = f * f;
+    float y = 7.0376836292e-2f;
+    y = y * f - 1.1514610310e-1f;
+    y = y * f + 1.1676998740e-1f;
+    y = y * f - 1.2420140846e-1f;
+    y = y * f + 1.4249322787e-1f;
+    y = y * f - 1.6668057665e-1f;
+    y = y * f + 2.0000714765e-1f;
+    y = y * f - 2.4999993993e-1f;
+    y = y * f + 3.3333331174e-1f;
+    y = y * f * z;
+    y += -2.12194440e-4f * fe;
+    y += -0.5f * z;
+    return (f + y) + 0.693359375f * fe;
+}
+
+/* sin(pi s) and cos(pi s) for s in [-1, 1]: s = q/2 + r with |r| <= 1/4 (exact), Cephes' sinf / cosf
+   polynomials on [-pi/4, pi/4], then the quadrant q mod 4 by swapping and sign bits (branch-free). */
+static inline void fs_sincospi(float s, float *sn, float *cs) {
+    float q = rintf(2.0f * s);
+    float r = s - 0.5f * q;
+    float x = r * 3.14159265358979f, x2 = x * x;
+    float sp = ((-1.9515295891e-4f * x2 + 8.3321608736e-3f) * x2 - 1.6666654611e-1f) * x2 * x + x;
+    float cp = ((2.443315711809948e-5f * x2 - 1.388731625493765e-3f) * x2 + 4.166664568298827e-2f) * x2 * x2
+               - 0.5f * x2 + 1.0f;
+    uint32_t qi = (uint32_t)(int32_t)q & 3u, swap = 0u - (qi & 1u);
+    uint32_t sb = bits_of(sp), cb = bits_of(cp);
+    uint32_t s1 = (sb & ~swap) | (cb & swap), c1 = (cb & ~swap) | (sb & swap);
+    *sn = float_of(s1 ^ ((qi & 2u) << 30));
+    *cs = float_of(c1 ^ (((qi + 1u) & 2u) << 30));
+}
+
+static inline float u31(uint32_t w) { return ((float)(w & 0x7FFFFFFFu) + 0.5f) * 4.656612873077393e-10f; }
+static inline float s32(uint32_t w) { return ((float)(int32_t)w + 0.5f) * 4.656612873077393e-10f; }
+static inline double u31_64(uint32_t w) { return ((double)(w & 0x7FFFFFFFu) + 0.5) * 4.656612873077393e-10; }
+static inline double s32_64(uint32_t w) { return ((double)(int32_t)w + 0.5) * 4.656612873077393e-10; }
+
+/* -- one chunk of a copy: the values of its elements -------------------------------------------
+   vals[e - chunk start] for the chunk's elements: float eps (float mode) or int32 nu (grid mode). */
+
+typedef struct { double log_g; int64_t face; float sign; } expinf_copy;
+
+static expinf_copy expinf_per_copy(const fs_plan *p, uint32_t copy, uint32_t image) {
+    expinf_copy out = { -INFINITY, 0, 1.0f };
+    uint32_t w[4];
+    for (int it = 0; it < p->max_iterations; it++) {   /* Marsaglia & Tsang (2000), float64 */
+        philox((uint32_t)it, copy, image, p->domain + TAG_GAMMA, p->k0, p->k1, w);
+        double z = sqrt(-2.0 * log(u31_64(w[0]))) * cos(s32_64(w[1]) * 3.141592653589793);
+        double y = 1.0 + p->cc * z, v = y * y * y;
+        int pos = v > 0.0;
+        double vs = pos ? v : 1.0, ua = u31_64(w[2]);
+        if (pos && log(ua) < 0.5 * z * z + p->dd - p->dd * vs + p->dd * log(vs)) {
+            out.log_g = log(p->dd * vs);
+            break;
+        }
+    }
+    philox(0u, copy, image, p->domain + TAG_COPY, p->k0, p->k1, w);
+    if (p->boost) out.log_g = out.log_g + log(u31_64(w[3])) * p->inv_alpha;
+    uint64_t d = (uint64_t)p->dim, lo = (uint64_t)w[0] * d, hi = (uint64_t)w[1] * d;
+    out.face = (int64_t)((hi + (lo >> 32)) >> 32);     /* floor(W d / 2^64), W = w1 2^32 + w0 */
+    out.sign = (w[2] & 1u) ? 1.0f : -1.0f;
+    return out;
+}
+
+FS_CLONES
+static void float_chunk(const fs_plan *p, uint32_t chunk, int n, uint32_t copy, uint32_t image,
+                        const expinf_copy *ex, float radius, float *restrict vals) {
+    uint32_t w[4][LANE];
+    const float lam = p->lam;
+    philox_run(chunk * LANE, n, copy, image, p->domain + TAG_ELEMENT, p->k0, p->k1, w);
+    if (p->noise == NOISE_GAUSSIAN) {
+        for (int h = 0; h < 2; h++) {          /* Box-Muller on lanes (0, 1) and (2, 3) */
+            const uint32_t *wa = w[2 * h], *wb = w[2 * h + 1];
+            float *va = vals + 2 * h * LANE, *vb = vals + (2 * h + 1) * LANE;
+            for (int t = 0; t < n; t++) {
+                float low = ((float)(wb[t] & 0xFFu) + 0.5f) * 0.00390625f;
+                float u = ((float)(wa[t] & 0x7FFFFFFFu) + low) * 4.656612873077393e-10f;
+                float rad = sqrtf(-2.0f * fs_logf(u));
+                float s = ((float)((int32_t)wb[t] >> 8) + 0.5f) * 1.1920928955078125e-07f, sn, cs;
+                fs_sincospi(s, &sn, &cs);
+                va[t] = lam * (rad * cs);
+                vb[t] = lam * (rad * sn);
+            }
+        }
+    } else if (p->noise == NOISE_LAPLACE) {
+        int first_cell = 0;
+        for (int l = 0; l < 4; l++) {
+            float *v = vals + l * LANE;
+            for (int t = 0; t < n; t++) {
+                float mag = -fs_logf(u31(w[l][t]));
+                v[t] = lam * float_of(bits_of(mag) ^ (w[l][t] & 0x80000000u));   /* the word's sign */
+                first_cell |= (w[l][t] & 0x7FFFFFFFu) == 0;
+            }
+        }
+        if (first_cell) {                      /* U31's first cell: 31 more bits (probability 2^-31) */
+            uint32_t tail[4][LANE];
+            philox_run(chunk * LANE, n, copy, image, p->domain + TAG_LAPLACE_TAIL, p->k0, p->k1, tail);
+            for (int l = 0; l < 4; l++)
+                for (int t = 0; t < n; t++)
+                    if ((w[l][t] & 0x7FFFFFFFu) == 0) {
+                        float u = ((float)(tail[l][t] & 0x7FFFFFFFu) + 0.5f) * 2.168404344971009e-19f;
+                        float mag = -logf(u);
+                        vals[l * LANE + t] = lam * (((int32_t)w[l][t] < 0) ? -mag : mag);
+                    }
+        }
+    } else if (p->noise == NOISE_UNIFORM) {
+        for (int l = 0; l < 4; l++)
+            for (int t = 0; t < n; t++) vals[l * LANE + t] = lam * s32(w[l][t]);
+    } else {
+        for (int l = 0; l < 4; l++)
+            for (int t = 0; t < n; t++) vals[l * LANE + t] = radius * s32(w[l][t]);
+        int64_t local = ex->face - (int64_t)chunk * CHUNK;
+        if (local >= 0 && local < CHUNK && (local % LANE) < n) vals[local] = radius * ex->sign;
+    }
+}
+
+FS_CLONES
+static void grid_chunk(const fs_plan *p, uint32_t chunk, int n, uint32_t copy, uint32_t image,
+                       const expinf_copy *ex, double a, int32_t *restrict vals) {
+    uint32_t w[4][LANE];
+    philox_run(chunk * LANE, n, copy, image, p->domain + TAG_ELEMENT, p->k0, p->k1, w);
+    if (p->noise == NOISE_EXPINF) {
+        uint32_t lw[4][LANE];
+        philox_run(chunk * LANE, n, copy, image, p->domain + TAG_GRID_LOW, p->k0, p->k1, lw);
+        for (int l = 0; l < 4; l++)
+            for (int t = 0; t < n; t++) {
+                uint64_t kk = ((uint64_t)w[l][t] << 21) | (uint64_t)(lw[l][t] >> 11);
+                double s = (double)((int64_t)(2 * kk + 1) - 9007199254740992LL) * 1.1102230246251565e-16;
+                vals[l * LANE + t] = (int32_t)floor(a * s + 0.5);
+            }
+        int64_t local = ex->face - (int64_t)chunk * CHUNK;
+        if (local >= 0 && local < CHUNK && (local % LANE) < n) vals[local] = (int32_t)floor(a * (double)ex->sign + 0.5);
+        return;
+    }
+    const int shift = 32 - p->bits;
+    const uint32_t mask = (1u << shift) - 1u;
+    const int32_t *restrict t_hi = p->t_hi, *restrict alias = p->alias, offset = p->offset;
+    int ties = 0;
+    for (int l = 0; l < 4; l++)
+        for (int t = 0; t < n; t++) {
+            int32_t i = (int32_t)(w[l][t] >> shift), v = (int32_t)(w[l][t] & mask), th = t_hi[i], al = alias[i];
+            vals[l * LANE + t] = (v < th ? i : al) - offset;
+            ties |= v == th;
+        }
+    if (ties) {                               /* the low word decides (probability <= 2^-(32-bits)) */
+        uint32_t lw[4][LANE];
+        philox_run(chunk * LANE, n, copy, image, p->domain + TAG_GRID_LOW, p->k0, p->k1, lw);
+        for (int l = 0; l < 4; l++)
+            for (int t = 0; t < n; t++) {
+                int32_t i = (int32_t)(w[l][t] >> shift), v = (int32_t)(w[l][t] & mask);
+                if (v == p->t_hi[i]) vals[l * LANE + t] = (lw[l][t] < p->t_lo[i] ? i : p->alias[i]) - p->offset;
+            }
+    }
+}
+
+/* -- output ------------------------------------------------------------------------------- */
+
+static inline uint16_t bf16_rtne(float y) {
+    union { float f; uint32_t i; } u = { y };
+    if (y != y) return 0x7FC0;
+    return (uint16_t)((u.i + 0x7FFFu + ((u.i >> 16) & 1u)) >> 16);
+}
+
+static inline void put(const fs_plan *p, const float *y, int64_t n, void *out, int64_t o, int64_t step) {
+    if (p->out_dtype == OUT_F32) { float *q = (float *)out + o; for (int64_t i = 0; i < n; i++) q[i * step] = y[i]; }
+    else if (p->out_dtype == OUT_BF16) { uint16_t *q = (uint16_t *)out + o; for (int64_t i = 0; i < n; i++) q[i * step] = bf16_rtne(y[i]); }
+    else { _Float16 *q = (_Float16 *)out + o; for (int64_t i = 0; i < n; i++) q[i * step] = (_Float16)y[i]; }
+}
+
+/* Elements e0 .. e0 + n - 1 of a copy: out = cast(y), y = x + eps or fl32((k + nu) / G), at element e of
+   a contiguous row, or at pixel * C + channel of a channels_last one. */
+FS_CLONES
+static void store(const fs_plan *p, const void *x, const void *vals, int64_t e0, int64_t n, void *out_row,
+                  int64_t hw) {
+    float y[LANE];
+    if (p->grid) {
+        const int32_t *k = (const int32_t *)x + e0, *nu = (const int32_t *)vals;
+        const float g = (float)p->grid;
+        for (int64_t i = 0; i < n; i++) y[i] = (float)(k[i] + nu[i]) / g;   /* IEEE: correctly rounded */
+    } else {
+        const float *xf = (const float *)x + e0, *eps = (const float *)vals;
+        for (int64_t i = 0; i < n; i++) y[i] = xf[i] + eps[i];
+    }
+    if (!p->channels) {
+        put(p, y, n, out_row, e0, 1);
+        return;
+    }
+    for (int64_t done = 0; done < n;) {      /* a run of elements stays within one channel */
+        int64_t e = e0 + done, channel = e / hw, pixel = e % hw;
+        int64_t m = n - done < hw - pixel ? n - done : hw - pixel;
+        put(p, y + done, m, out_row, pixel * p->channels + channel, p->channels);
+        done += m;
+    }
+}
+
+/* Copies first_copy .. first_copy + count - 1 of image ``image`` from ``x`` (float32 pixels, or int32
+   grid indices) into rows out + i * row_stride (elements of the output dtype). Returns 0, or -1 when
+   memory runs out. */
+int fs_fill(const fs_plan *p, const void *x, void *out, int64_t row_stride, uint32_t image,
+            uint32_t first_copy, int64_t count) {
+    const int64_t d = p->dim, chunks = (d + CHUNK - 1) / CHUNK;
+    const int64_t hw = p->channels ? d / p->channels : 1;
+    const size_t item = p->out_dtype == OUT_F32 ? 4 : 2;
+    union { float f[CHUNK]; int32_t i[CHUNK]; } vals;
+    for (int64_t c = 0; c < count; c++) {
+        uint32_t copy = first_copy + (uint32_t)c;
+        expinf_copy ex = { 0.0, -1, 1.0f };
+        float radius = 0.0f;
+        double a = 0.0;
+        if (p->noise == NOISE_EXPINF) {
+            ex = expinf_per_copy(p, copy, image);
+            radius = (float)(p->lam64 * exp(ex.log_g * p->inv_k));
+            a = ((double)p->grid * p->lam64) * exp(ex.log_g * p->inv_k);   /* (G lambda) s^(1/k), as the twins */
+        }
+        char *row = (char *)out + (size_t)c * (size_t)row_stride * item;
+        for (int64_t ch = 0; ch < chunks; ch++) {
+            int64_t e0 = ch * CHUNK, n = d - e0 < CHUNK ? d - e0 : CHUNK;
+            int groups = n < LANE ? (int)n : LANE;   /* lanes 1-3 hold elements only in a full lane run */
+            if (p->grid) grid_chunk(p, (uint32_t)ch, groups, copy, image, &ex, a, vals.i);
+            else float_chunk(p, (uint32_t)ch, groups, copy, image, &ex, radius, vals.f);
+            /* a partial chunk holds lanes l with e0 + l*128 + t < d: store lane by lane */
+            for (int l = 0; l < 4; l++) {
+                int64_t start = l * LANE, len = n - start < LANE ? n - start : LANE;
+                if (len <= 0) break;
+                store(p, x, (const char *)&vals + start * 4, e0 + start, len, row, hw);
+            }
+        }
+    }
+    return 0;
+}
+
+int fs_abi_version(void) { return 1; }
+
+static struct PyModuleDef module = { PyModuleDef_HEAD_INIT, "_native_noise",
+                                     "fastsmooth's native noise sampler (called through ctypes).", -1,
+                                     NULL, NULL, NULL, NULL, NULL };
+
+PyMODINIT_FUNC PyInit__native_noise(void) { return PyModule_Create(&module); }

@@ -1,0 +1,172 @@
+"""The native backend: the kernels' C twin (fastsmooth/native/noise.c) on the CPU, the engine's fast CPU path.
+
+Same words and samplers as the Triton and torch backends (backends.py). The extension is built by
+``pip install -e .`` where a C compiler exists; without it ``native_available()`` is False and the
+engine's "auto" takes the torch backend (with one warning). Copies are drawn on
+``torch.get_num_threads()`` threads at once: ctypes releases the GIL during each call, and the
+copies are independent, so the output does not depend on the number of threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import math
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from typing import Optional, Sequence
+
+import torch
+
+from .kernels.perturb import check_segments
+from .kernels.samplers import MAX_GAMMA_ITERATIONS, NoisePlan, stream_tau
+from .kernels.vote import vote_reference
+from .seeding import DOMAIN_CERTIFY, philox_key
+
+OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+COPIES_PER_CALL = 32      # a call's share of work: small enough to spread a batch over the threads
+
+
+class _Plan(ctypes.Structure):
+    """fs_plan of noise.c, field for field."""
+
+    _fields_ = [("noise", ctypes.c_int32), ("grid", ctypes.c_int32), ("dim", ctypes.c_int64),
+                ("lam", ctypes.c_float), ("lam64", ctypes.c_double), ("dd", ctypes.c_double),
+                ("cc", ctypes.c_double), ("inv_alpha", ctypes.c_double), ("inv_k", ctypes.c_double),
+                ("boost", ctypes.c_int32), ("max_iterations", ctypes.c_int32), ("k0", ctypes.c_uint32),
+                ("k1", ctypes.c_uint32), ("domain", ctypes.c_uint32), ("bits", ctypes.c_int32),
+                ("offset", ctypes.c_int32), ("t_hi", ctypes.c_void_p), ("t_lo", ctypes.c_void_p),
+                ("alias", ctypes.c_void_p), ("out_dtype", ctypes.c_int32), ("channels", ctypes.c_int32)]
+
+
+@lru_cache(maxsize=None)
+def _library() -> Optional[ctypes.CDLL]:
+    spec = importlib.util.find_spec("fastsmooth._native_noise")
+    if spec is None or not spec.origin:
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    lib.fs_fill.restype = ctypes.c_int
+    lib.fs_fill.argtypes = [ctypes.POINTER(_Plan), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                            ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int64]
+    return lib if lib.fs_abi_version() == 1 else None
+
+
+def native_available() -> bool:
+    """True where the extension was built; warns once (the CPU path is then slow) otherwise."""
+    if os.environ.get("FASTSMOOTH_NATIVE", "1") == "0":
+        return False
+    if _library() is None:
+        _warn_missing()
+        return False
+    return True
+
+
+@lru_cache(maxsize=None)
+def _warn_missing() -> None:
+    warnings.warn("fastsmooth's native noise sampler is not built (no C compiler at install time?): the CPU "
+                  "uses the slow torch backend. Reinstall with a C compiler (pip install -e .).", stacklevel=3)
+
+
+class NativeBackend:
+    """``NoiseBackend`` (backends.py) of the C twin, on the CPU."""
+
+    name = "native"
+
+    def __init__(self, device=None):
+        if device is not None and torch.device(device).type != "cpu":
+            raise RuntimeError("backend='native' runs on the CPU; use 'triton' or 'torch' on " + str(device))
+        self._lib = _library()
+        if self._lib is None:
+            raise RuntimeError("fastsmooth's native extension is not built; reinstall with a C compiler "
+                               "(pip install -e .) or use backend='torch'")
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pool_owner = (0, 0)  # (process id, threads) the pool was made for
+        self._plans: dict = {}
+
+    def tv_bound(self, noise, dim: int, grid: Optional[int] = None) -> float:
+        return stream_tau(NoisePlan(noise, dim, grid))
+
+    def _plan(self, noise, dim, grid, seed, domain, dtype, channels):
+        key = (noise, dim, grid, seed, domain, dtype, channels)
+        hit = self._plans.get(key)
+        if hit is None:
+            plan = NoisePlan(noise, dim, grid)
+            k0, k1 = philox_key(seed)
+            st = _Plan(noise=plan.noise_id, grid=grid or 0, dim=dim, lam=plan.lam, lam64=plan.lam,
+                       max_iterations=MAX_GAMMA_ITERATIONS, k0=k0, k1=k1, domain=domain,
+                       out_dtype=OUT_DTYPES[dtype], channels=channels)
+            tables = None
+            if plan.k is not None:
+                dd, cc, inv_alpha, boost = plan.gamma
+                st.dd, st.cc, st.inv_alpha, st.inv_k, st.boost = dd, cc, inv_alpha, 1.0 / plan.k, int(boost)
+            if plan.table is not None:
+                tables = plan.table.on("cpu")           # kept alive with the struct
+                st.bits, st.offset = plan.table.bits, plan.table.offset
+                st.t_hi, st.t_lo, st.alias = (t.data_ptr() for t in tables)
+            if len(self._plans) > 64:
+                self._plans.clear()
+            hit = self._plans[key] = (st, tables)
+        return hit[0]
+
+    def fill(self, out: torch.Tensor, xs: torch.Tensor, segments: Sequence, noise, seed: int,
+             grid: Optional[int] = None, domain: int = DOMAIN_CERTIFY) -> None:
+        segs = check_segments(out, xs, segments, grid)
+        if not segs:
+            return
+        if out.device.type != "cpu":
+            raise RuntimeError(f"backend='native' fills CPU tensors, got one on {out.device}")
+        shape = tuple(out.shape[1:])
+        dim = math.prod(shape)
+        if out[0].is_contiguous():
+            channels = 0
+        elif out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last):
+            channels = shape[0]
+        else:  # another layout: fill contiguous rows, then copy them over
+            tmp = torch.empty(out.shape, dtype=out.dtype)
+            self.fill(tmp, xs, segments, noise, seed, grid, domain)
+            for _, _, _, count, row in segs:
+                out[row:row + count].copy_(tmp[row:row + count])
+            return
+        plan = self._plan(noise, dim, grid, int(seed) & 0xFFFFFFFFFFFFFFFF, int(domain), out.dtype, channels)
+        xs = xs.contiguous()
+        item, x_item = out.element_size(), xs.element_size()
+        stride = out.stride(0)
+        base, xbase = out.data_ptr(), xs.data_ptr()
+        pieces = []  # (x pointer, out pointer, image, first copy, copies)
+        for slot, image_index, first_copy, count, row in segs:
+            for start in range(0, count, COPIES_PER_CALL):
+                take = min(COPIES_PER_CALL, count - start)
+                pieces.append((xbase + slot * dim * x_item, base + (row + start) * stride * item, image_index,
+                               first_copy + start, take))
+        fill = self._lib.fs_fill
+        ref = ctypes.byref(plan)
+
+        def run(piece):
+            x_ptr, out_ptr, image, first, take = piece
+            if fill(ref, x_ptr, out_ptr, stride, image, first, take) != 0:
+                raise MemoryError("native noise fill failed")
+
+        workers = min(torch.get_num_threads(), len(pieces))
+        if workers > 1:
+            for _ in self._workers().map(run, pieces):  # disjoint rows of out per piece
+                pass
+        else:
+            for piece in pieces:
+                run(piece)
+
+    def _workers(self) -> ThreadPoolExecutor:
+        owner = (os.getpid(), torch.get_num_threads())
+        if self._pool_owner != owner:  # first use, another thread count, or a forked child (no threads)
+            if self._pool is not None and self._pool_owner[0] == owner[0]:
+                self._pool.shutdown(wait=False)
+            self._pool = ThreadPoolExecutor(owner[1], thread_name_prefix="fastsmooth-noise")
+            self._pool_owner = owner
+        return self._pool
+
+    def vote(self, logits, slots, counts, nonfinite) -> None:
+        vote_reference(logits, slots, counts, nonfinite)
