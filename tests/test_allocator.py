@@ -1,7 +1,7 @@
-"""glibc malloc thresholds for CPU runs (fastsmooth/allocator.py): a CPU forward whose activations
-are megabytes stops faulting in fresh pages for every call, computes the same numbers, and the
-engine applies the setting when it is built for a CPU. Each case runs in a fresh process, since the
-setting is process-wide and taken once."""
+"""glibc malloc thresholds for CPU runs (fastsmooth/allocator.py): the setting is taken (by a call, by
+an engine built for a CPU), the environment turns it off, and a forward computes the same numbers
+with it. Each case runs in a fresh process, since the setting is process-wide and taken once. What it
+saves (page faults, time) is a measurement: bench/test_bench_allocator.py."""
 
 import json
 import os
@@ -43,19 +43,13 @@ def probe(how: str, **env) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_forwards_stop_faulting_in_pages_and_compute_the_same():
+def test_the_setting_is_taken_and_computes_the_same():
     default = probe("none")
     tuned = probe("call")
     assert not default["tuned"] and tuned["tuned"]
-    # 10 forwards x 12 layers of 8 MiB (2048-page) outputs: seen 47,000-143,000 faults by default,
-    # 35-2,083 tuned (a block or so faulted in once)
-    assert default["faults"] > 20_000
-    assert tuned["faults"] < 5 * 2048
     assert tuned["checksum"] == default["checksum"]
 
 
 def test_the_engine_applies_it_on_a_cpu_and_the_environment_turns_it_off():
-    on = probe("engine")
-    assert on["tuned"] and on["faults"] < 5 * 2048
-    off = probe("engine", FASTSMOOTH_TUNE_MALLOC="0")
-    assert not off["tuned"] and off["faults"] > 20_000
+    assert probe("engine")["tuned"]
+    assert not probe("engine", FASTSMOOTH_TUNE_MALLOC="0")["tuned"]
