@@ -200,3 +200,24 @@ def test_other_noise_through_the_same_face():
         Smooth(model, NUM_CLASSES, 0.5, noise=Laplace(sigma=0.25))
     smooth.sigma = 0.5  # assigning sigma keeps the kind of noise
     assert smooth.noise == Laplace(sigma=0.5)
+
+
+def test_inputs_on_the_8_bit_grid_are_certified_on_it():
+    """input_grid="auto": an image on the grid k / 255 (the originals' data before their
+    NormalizeLayer) runs the engine in grid mode, sound in floating point; an image off the grid runs
+    in float arithmetic, as the original; uint8 pixels are the grid indices themselves."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    smooth = Smooth(model, 3, 0.25)
+    k = torch.randint(0, 256, (3, 2, 2))
+    smooth.predict(k / 255.0, 50, 0.01, 50)
+    assert smooth._engine_key[-1] == 255 and smooth._engine.sampler.input_grid == 255
+    smooth.predict(k / 255.0 + 1e-3, 50, 0.01, 50)
+    assert smooth._engine_key[-1] is None
+    smooth.predict(k.to(torch.uint8), 50, 0.01, 50)
+    assert smooth._engine_key[-1] == 255
+    forced = Smooth(model, 3, 0.25, input_grid=None)
+    forced.predict(k / 255.0, 50, 0.01, 50)
+    assert forced._engine_key[-1] is None
+    with pytest.raises(ValueError, match="uint8"):
+        forced.predict(k.to(torch.uint8), 50, 0.01, 50)

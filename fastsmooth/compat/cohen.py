@@ -49,7 +49,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checks import check_alpha, check_norm, check_positive_int
+from ..checks import check_alpha, check_image, check_norm, check_positive_int
+from ..grid import check_input_grid, grid_indices
 from ..noises import Gaussian, Noise, make_noise
 from ..sampler import Job, model_device
 from ..smooth import Smooth as _EngineSmooth
@@ -67,7 +68,7 @@ class Smooth(object):
     def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: Optional[float] = None,
                  noise: Union[Noise, str, None] = None, *, norm: Optional[str] = None,
                  backend: str = "auto", precision: str = "auto",
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, input_grid: Union[str, int, None] = "auto"):
         """
         :param base_classifier: maps [batch x channel x height x width] to [batch x num_classes]
         :param num_classes: number of classes
@@ -79,6 +80,10 @@ class Smooth(object):
             "auto" / "fp32" / "bf16" / "fp16")
         :param generator: a CPU ``torch.Generator`` for the per-call noise seeds (default: torch's
             global generator, which ``torch.manual_seed`` controls)
+        :param input_grid: "auto" (the default): inputs on the 8-bit grid k / 255 -- the originals'
+            data sets, before their NormalizeLayer -- are certified with noisy inputs formed from
+            integers, sound in floating point (fastsmooth.grid); other inputs in float32 arithmetic,
+            as the original. An integer G or None forces one or the other.
         """
         self.base_classifier = base_classifier
         self.num_classes = num_classes
@@ -87,6 +92,7 @@ class Smooth(object):
         self.backend = backend
         self.precision = precision
         self.generator = generator
+        self.input_grid = input_grid if input_grid in ("auto", None) else check_input_grid(input_grid)
         self._engine: Optional[_EngineSmooth] = None
         self._engine_key = None
 
@@ -123,14 +129,29 @@ class Smooth(object):
         self._noise = make_noise(**spec, sigma=float(value))
 
     # -- engine -----------------------------------------------------------------------------
-    def _smooth(self) -> _EngineSmooth:
+    def _grid(self, x: torch.Tensor) -> Optional[int]:
+        """The input grid x is certified on: "auto" takes 255 when x lies on the 8-bit grid."""
+        if x.dtype == torch.uint8:
+            if self.input_grid is None:
+                raise ValueError("x holds uint8 pixels: they are grid indices, which input_grid=None cannot take")
+            return 255 if self.input_grid == "auto" else self.input_grid
+        if self.input_grid != "auto":
+            return self.input_grid
+        try:
+            grid_indices(x, 255)
+        except ValueError:
+            return None
+        return 255
+
+    def _smooth(self, grid: Optional[int] = None) -> _EngineSmooth:
         """fastsmooth's Smooth around the base classifier, rebuilt when the classifier has moved to
-        another device or the noise / num_classes / settings changed since the last call."""
+        another device or the noise / num_classes / settings / input grid changed since the last call."""
         device = model_device(self.base_classifier)
-        key = (str(device), self._noise, int(self.num_classes), self.backend, self.precision)
+        key = (str(device), self._noise, int(self.num_classes), self.backend, self.precision, grid)
         if self._engine is None or self._engine_key != key:
             self._engine = _EngineSmooth(self.base_classifier, self.num_classes, self._noise,
-                                         backend=self.backend, precision=self.precision, device=device)
+                                         backend=self.backend, precision=self.precision, device=device,
+                                         input_grid=grid)
             self._engine_key = key
         return self._engine
 
@@ -142,7 +163,7 @@ class Smooth(object):
         x = torch.as_tensor(x)
         if x.dim() == 4 and x.shape[0] == 1:
             x = x[0]  # [1 x C x H x W]: the original's x.repeat((b, 1, 1, 1)) accepted it too
-        return x
+        return check_image(x, 255 if x.dtype == torch.uint8 else None)
 
     # -- the original's methods -----------------------------------------------------------------
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int) -> (int, float):
@@ -170,7 +191,7 @@ class Smooth(object):
         counts_estimation = self._sample_noise(x, n, batch_size)
         nA = int(counts_estimation[cAHat])
         # a sampler at total-variation distance tau from the ideal noise moves p_A by <= tau (DESIGN §5)
-        tau = self._smooth().sampler.tv_bound(x.numel())
+        tau = self._smooth(self._grid(x)).sampler.tv_bound(x.numel())
         pABar = float(self._lower_confidence_bound(nA, n, alpha)) - tau
         if pABar < 0.5:
             return Smooth.ABSTAIN, 0.0
@@ -208,7 +229,7 @@ class Smooth(object):
             raise ValueError(f"num must be an integer >= 0, got {num!r}")
         check_positive_int("batch_size", batch_size)
         x = self._as_image(x)
-        engine = self._smooth()
+        engine = self._smooth(self._grid(x))
         # The noise of a copy is a pure function of (seed, image 0, copy): a fresh seed per call.
         engine.sampler.seed = self._fresh_seed()
         counts = engine.sampler.run([Job(x, 0, 0, int(num))], int(batch_size))[0]
