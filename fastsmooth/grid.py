@@ -108,7 +108,7 @@ class AliasTable:
     """The exact sampler of nu = round(G delta) for one element (see the module docstring).
 
     Bucket i stands for nu = i - offset. ``threshold_hi``/``threshold_lo`` are the high and low 32
-    bits of T_i in [0, 2^(64-bits)] (int64 tensors of uint32 values), ``alias`` the alias buckets.
+    bits of T_i in [0, 2^(64-bits)) (int64 tensors of uint32 values), ``alias`` the alias buckets.
     ``masses`` are the quantized Q_m (Python ints) of nu = -offset .. offset; ``tau`` the
     total-variation distance of one element's sampled nu from the exact law.
     """
@@ -184,7 +184,9 @@ def alias_table(name: str, scale: float, grid: int) -> AliasTable:
 def _vose(masses: list, bits: int) -> tuple[list, list]:
     """Walker's alias table of integer masses summing to 2^64 over 2^bits buckets, each of capacity
     2^(64 - bits), built exactly (Vose 1991's small/large lists in integer arithmetic): bucket i keeps
-    T_i of its own mass and gives the rest of its capacity to alias A_i."""
+    T_i of its own mass and gives the rest of its capacity to alias A_i. A bucket that keeps all of its
+    capacity is written (T_i = 0, A_i = i), which samples the same (every word goes to i) and keeps
+    T_i below 2^(64 - bits): T_i's high bits and A_i then pack into one 32-bit word (native_backend)."""
     capacity = 1 << (64 - bits)
     left = list(masses)
     thresholds, alias = [capacity] * len(left), list(range(len(left)))
@@ -198,6 +200,9 @@ def _vose(masses: list, bits: int) -> tuple[list, list]:
     # what remains holds exactly its capacity (integer arithmetic leaves no rounding residue)
     for i in small + large:
         assert left[i] == capacity
+    for i, t in enumerate(thresholds):
+        if t == capacity:
+            thresholds[i], alias[i] = 0, i
     return thresholds, alias
 
 

@@ -37,8 +37,8 @@ class _Plan(ctypes.Structure):
                 ("cc", ctypes.c_double), ("inv_alpha", ctypes.c_double), ("inv_k", ctypes.c_double),
                 ("boost", ctypes.c_int32), ("max_iterations", ctypes.c_int32), ("k0", ctypes.c_uint32),
                 ("k1", ctypes.c_uint32), ("domain", ctypes.c_uint32), ("bits", ctypes.c_int32),
-                ("offset", ctypes.c_int32), ("t_hi", ctypes.c_void_p), ("t_lo", ctypes.c_void_p),
-                ("alias", ctypes.c_void_p), ("out_dtype", ctypes.c_int32), ("channels", ctypes.c_int32)]
+                ("offset", ctypes.c_int32), ("packed", ctypes.c_void_p), ("t_lo", ctypes.c_void_p),
+                ("out_dtype", ctypes.c_int32), ("channels", ctypes.c_int32)]
 
 
 @lru_cache(maxsize=None)
@@ -70,6 +70,11 @@ def native_available() -> bool:
 def _warn_missing() -> None:
     warnings.warn("fastsmooth's native noise sampler is not built (no C compiler at install time?): the CPU "
                   "uses the slow torch backend. Reinstall with a C compiler (pip install -e .).", stacklevel=3)
+
+
+def _uint32_bits(values: torch.Tensor) -> torch.Tensor:
+    """uint32 values held in int64 as a contiguous int32 tensor of the same bits."""
+    return torch.where(values >= 2 ** 31, values - 2 ** 32, values).to(torch.int32).contiguous()
 
 
 class NativeBackend:
@@ -105,9 +110,12 @@ class NativeBackend:
                 dd, cc, inv_alpha, boost = plan.gamma
                 st.dd, st.cc, st.inv_alpha, st.inv_k, st.boost = dd, cc, inv_alpha, 1.0 / plan.k, int(boost)
             if plan.table is not None:
-                tables = plan.table.on("cpu")           # kept alive with the struct
-                st.bits, st.offset = plan.table.bits, plan.table.offset
-                st.t_hi, st.t_lo, st.alias = (t.data_ptr() for t in tables)
+                table = plan.table
+                # one word a bucket: T_i's high bits (< 2^(32 - bits), grid.py) above the alias
+                packed = (table.threshold_hi << table.bits) | table.alias.to(torch.int64)
+                tables = (_uint32_bits(packed), _uint32_bits(table.threshold_lo))   # kept alive with the struct
+                st.bits, st.offset = table.bits, table.offset
+                st.packed, st.t_lo = (t.data_ptr() for t in tables)
             if len(self._plans) > 64:
                 self._plans.clear()
             hit = self._plans[key] = (st, tables)
