@@ -21,8 +21,8 @@ from typing import Sequence
 
 import torch
 
-from ..seeding import (CHUNK, DOMAIN_CERTIFY, LANE_RUN, TAG_ELEMENT, TAG_GRID_LOW, TAG_LAPLACE_TAIL,
-                       check_copy_range, philox_key)
+from ..seeding import (CHUNK, DOMAIN_CERTIFY, LANE_RUN, TAG_COPY, TAG_ELEMENT, TAG_GAMMA, TAG_GRID_LOW,
+                       TAG_LAPLACE_TAIL, check_copy_range, philox_key)
 from .jit import jit, tl, triton
 from .philox import element_counters, group_words, philox4x32, philox4x32_reference
 from .samplers import (MAX_GAMMA_ITERATIONS, NoisePlan, _bf16_bits_rtne, _box_muller, _expinf_copy,
@@ -34,6 +34,11 @@ OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Compiler options of every launch on CUDA: no fused multiply-add contraction, so that the noise is
 # the same float32 arithmetic as the reference's.
 CUDA_OPTIONS = {"enable_fp_fusion": False}
+# The stream's tags (seeding.py) as compile-time constants of the kernels.
+TAG_GAMMA_C = tl.constexpr(TAG_GAMMA) if tl is not None else TAG_GAMMA
+TAG_COPY_C = tl.constexpr(TAG_COPY) if tl is not None else TAG_COPY
+TAG_LAPLACE_TAIL_C = tl.constexpr(TAG_LAPLACE_TAIL) if tl is not None else TAG_LAPLACE_TAIL
+TAG_GRID_LOW_C = tl.constexpr(TAG_GRID_LOW) if tl is not None else TAG_GRID_LOW
 
 # ------------------------------------------------------------------------------------------
 # Triton
@@ -80,7 +85,7 @@ def _lanes(w0, w1, w2, w3, e0, group, copy, image, k0, k1, domain, lam, params_p
             v2 = lam * _laplace(ws2)
             v3 = lam * _laplace(ws3)
             v0, v1, v2, v3 = _laplace_first_cell(w0, w1, w2, w3, v0, v1, v2, v3, lam, group, copy, image,
-                                                 domain + 3, k0, k1)              # TAG_LAPLACE_TAIL
+                                                 domain + TAG_LAPLACE_TAIL_C, k0, k1)
         elif NOISE == 2:
             v0 = lam * _s32(ws0)
             v1 = lam * _s32(ws1)
@@ -94,7 +99,7 @@ def _lanes(w0, w1, w2, w3, e0, group, copy, image, k0, k1, domain, lam, params_p
             v2 = tl.where(e0 + 256 == jj, face, rr * _s32(ws2))
             v3 = tl.where(e0 + 384 == jj, face, rr * _s32(ws3))
     elif NOISE == 3:
-        t0, t1, t2, t3 = philox4x32(group, copy, image, domain + 4, k0, k1)   # TAG_GRID_LOW
+        t0, t1, t2, t3 = philox4x32(group, copy, image, domain + TAG_GRID_LOW_C, k0, k1)
         a = tl.load(params_ptr + 5) * tl.exp(log_g * tl.load(params_ptr + 4))     # (G lambda) s^(1/k)
         fa = tl.floor(a * sgn + 0.5)
         v0 = tl.where(e0 == jj, fa, _expinf_grid(w0, t0, a)).to(tl.int32)
@@ -109,7 +114,7 @@ def _lanes(w0, w1, w2, w3, e0, group, copy, image, k0, k1, domain, lam, params_p
         # the low words only in a tile where a bucket's high bits tie (probability <= 2^-(32-BITS) each)
         ties = (tie0 | tie1) | (tie2 | tie3)
         if tl.max(ties.to(tl.int32)) > 0:
-            t0, t1, t2, t3 = philox4x32(group, copy, image, domain + 4, k0, k1)   # TAG_GRID_LOW
+            t0, t1, t2, t3 = philox4x32(group, copy, image, domain + TAG_GRID_LOW_C, k0, k1)
             v0 = _grid_alias_refine(i0, v0, tie0, t0, t_lo_ptr, alias_ptr)
             v1 = _grid_alias_refine(i1, v1, tie1, t1, t_lo_ptr, alias_ptr)
             v2 = _grid_alias_refine(i2, v2, tie2, t2, t_lo_ptr, alias_ptr)
@@ -198,8 +203,8 @@ def _perturb_kernel(
     jj = 0
     sgn = 1.0
     if NOISE == 3:
-        lg, j, s = _expinf_copy(params_ptr, k0u, k1u, copy, image_u, dom + 1, dom + 2, rmask, D, ROWS,
-                                BOOST, MAX_IT)                                       # TAG_GAMMA, TAG_COPY
+        lg, j, s = _expinf_copy(params_ptr, k0u, k1u, copy, image_u, dom + TAG_GAMMA_C, dom + TAG_COPY_C, rmask,
+                                D, ROWS, BOOST, MAX_IT)
         log_g = lg[:, None]
         jj = j[:, None]
         sgn = s[:, None]
@@ -286,7 +291,8 @@ def _perturb_cl_kernel(
     jj = 0
     sgn = 1.0
     if NOISE == 3:
-        lg, j, s = _expinf_copy(params_ptr, k0u, k1u, copy, image_u, dom + 1, dom + 2, tl.full([1], 1, tl.int1),
+        lg, j, s = _expinf_copy(params_ptr, k0u, k1u, copy, image_u, dom + TAG_GAMMA_C, dom + TAG_COPY_C,
+                                tl.full([1], 1, tl.int1),
                                 D, 1, BOOST, MAX_IT)
         log_g = lg[:, None]
         jj = j[:, None]
