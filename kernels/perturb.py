@@ -125,7 +125,9 @@ def _lanes(w0, w1, w2, w3, e0, group, copy, image, k0, k1, domain, lam, params_p
 @jit
 def _store_lane(x_ptrs, out_ptrs, mask, v, grid_value, offset, GRID: tl.constexpr, BF16_BITS: tl.constexpr):
     """out = cast(model input): x + eps (float mode), or fl32((k + nu) / G) with k the int32 grid
-    index read at x_ptrs and nu = v - offset (grid mode); one rounding to the output dtype."""
+    index read at x_ptrs and nu = v - offset (grid mode: the input formed from integers, Voracek &
+    Hein, ICLR 2023, so that the votes are those of f o round under the exact noise); one rounding to
+    the output dtype."""
     if GRID == 0:
         y = tl.load(x_ptrs, mask=mask, other=0.0) + v
     else:

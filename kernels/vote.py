@@ -15,8 +15,17 @@ from .perturb import _next_pow2, check_device
 
 
 @jit
-def _vote_kernel(logits_ptr, slots_ptr, counts_ptr, nonfinite_ptr, B, K, stride_b, stride_k,
-                 stride_cm, stride_ck, ROWS: tl.constexpr, BK: tl.constexpr):
+def _vote_kernel(
+    logits_ptr,         # (B, K) logits, float32 / bfloat16 / float16, any strides
+    slots_ptr,          # (B,) int64: the packed image of each row
+    counts_ptr,         # (M, K) int64 vote counts, accumulated into
+    nonfinite_ptr,      # (1,) int64: rows with a NaN or infinite logit, accumulated into
+    B, K,               # rows, classes
+    stride_b, stride_k,     # element strides of the logits
+    stride_cm, stride_ck,   # element strides of the counts
+    ROWS: tl.constexpr,     # rows per program
+    BK: tl.constexpr,       # classes per block of the running argmax
+):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask = rows < B

@@ -370,7 +370,8 @@ static void store(const fs_plan *p, const void *x, const void *vals, int64_t e0,
     if (p->grid) {
         const int32_t *k = (const int32_t *)x + e0, *nu = (const int32_t *)vals;
         const float g = (float)p->grid;
-        for (int64_t i = 0; i < n; i++) y[i] = (float)(k[i] + nu[i]) / g;   /* IEEE: correctly rounded */
+        /* the input formed from integers (Voracek & Hein, ICLR 2023); IEEE division: one float per integer */
+        for (int64_t i = 0; i < n; i++) y[i] = (float)(k[i] + nu[i]) / g;
     } else {
         const float *xf = (const float *)x + e0, *eps = (const float *)vals;
         for (int64_t i = 0; i < n; i++) y[i] = xf[i] + eps[i];
