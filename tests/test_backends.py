@@ -3,6 +3,7 @@
 mode: equal bit for bit; float mode: within the rounding of the float32 log / sin / cos."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -118,3 +119,25 @@ def test_draw_noise_is_what_fill_adds():
     make_backend("native", "cpu").fill(out, x, [(0, 2, 7, 5, 0)], noise, 9)
     assert torch.equal(out, x + eps)
     assert eps.dtype == torch.float32 and math.isfinite(float(eps.abs().max()))
+
+
+def test_native_isa_paths_draw_the_same_words(tmp_path):
+    """The AVX-512, AVX2 and scalar Philox paths of the native twin give the same batch, bit for bit
+    (each in a fresh process: the path is chosen once per process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from fastsmooth.backends import make_backend; from fastsmooth.noises import make_noise\n"
+            "out = torch.empty(40, 3, 7, 9)\n"
+            "k = torch.arange(189, dtype=torch.int32).reshape(1, 3, 7, 9)\n"
+            "make_backend('native', 'cpu').fill(out[:20], k, [(0, 3, 0, 20, 0)], make_noise('laplace', sigma=0.5), 9, 255)\n"
+            "make_backend('native', 'cpu').fill(out[20:], k.float() / 255, [(0, 3, 0, 20, 0)], make_noise('gaussian', sigma=0.5), 9)\n"
+            "torch.save(out, sys.argv[1])\n")
+    batches = []
+    for isa in ("avx512", "avx2", "scalar"):
+        path = tmp_path / f"{isa}.pt"
+        proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "FASTSMOOTH_NATIVE_ISA": isa})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        batches.append(torch.load(path))
+    assert torch.equal(batches[0], batches[1]) and torch.equal(batches[1], batches[2])
