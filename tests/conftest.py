@@ -21,3 +21,14 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_indices_from_the_base(monkeypatch):
+    """Each test takes the automatic image indices (calls without image_index) from 2^31 up, as a
+    fresh process would: its noise then does not depend on which tests ran before it."""
+    import itertools
+
+    from fastsmooth import seeding
+
+    monkeypatch.setattr(seeding, "_auto_indices", itertools.count(seeding.AUTO_INDEX_BASE))
