@@ -331,3 +331,53 @@ def test_uniform_linf_radius_sound_on_diagonal():
         assert 0 < r <= s / 2
         assert noise.radius(p, "l2", 2) <= s / math.sqrt(2)
 
+
+# --------------------------------------------------------------------------------------------
+# p_for_radius: the inverse of radius
+# --------------------------------------------------------------------------------------------
+INVERSE_NOISES = all_noises(0.5) + [ExpInf(k=10, sigma=0.5), Laplace(scale=0.2)]
+
+
+@pytest.mark.parametrize("noise", INVERSE_NOISES, ids=repr)
+@pytest.mark.parametrize("d", [1, 2, 784, D_CIFAR])
+def test_p_for_radius_inverts_radius(noise, d):
+    for norm in NORMS:
+        for p in (0.5000001, 0.51, 0.7, 0.9, 0.999, 0.999999):
+            r = noise.radius(p, norm, d)
+            q = noise.p_for_radius(r, norm, d)
+            assert 0.5 < q <= p
+            assert noise.radius(q, norm, d) >= r  # erring high is safe; this is exact
+            assert noise.radius(math.nextafter(q, 0.0), norm, d) < r  # the smallest double that certifies
+            assert noise.radius(q - 1e-9, norm, d) < r
+        # radii no p certifies (above the one at p = 1): inf; radius 0: any p above 1/2
+        top = noise.radius(1.0, norm, d)
+        assert noise.p_for_radius(0.0, norm, d) == 0.5
+        if math.isfinite(top):
+            assert noise.p_for_radius(top * 1.001 + 1e-12, norm, d) == math.inf
+            assert noise.p_for_radius(top, norm, d) <= 1.0
+        else:  # unbounded radii: p = 1 certifies any radius, and a large one is reached below it
+            large = 1.5 * noise.radius(0.999999, norm, d)
+            q = noise.p_for_radius(large, norm, d)
+            assert 0.999999 < q <= 1.0 and noise.radius(q, norm, d) >= large
+            assert noise.p_for_radius(math.inf, norm, d) == 1.0
+
+
+def test_p_for_radius_closed_forms():
+    d = D_CIFAR
+    g, lap, uni = Gaussian(sigma=0.5), Laplace(sigma=0.5), Uniform(sigma=0.5)
+    for r in (0.1, 0.5, 1.2):
+        assert g.p_for_radius(r, "l2", d) == pytest.approx(stats.norm.cdf(r / 0.5), rel=1e-14)
+        assert g.p_for_radius(r / math.sqrt(d), "linf", d) == pytest.approx(stats.norm.cdf(r / 0.5), rel=1e-12)
+        assert lap.p_for_radius(r, "l1", d) == pytest.approx(1 - 0.5 * math.exp(-r / lap.scale_for(d)), rel=1e-14)
+        assert uni.p_for_radius(r / 2, "l1", d) == pytest.approx(0.5 + r / 4 / uni.scale_for(d), rel=1e-14)
+    # Laplace in l2 through max(l1 / sqrt(d), l_inf): the l_inf certificate needs a smaller p here
+    r2 = 0.0005
+    assert lap.p_for_radius(r2, "l2", d) == lap.p_for_radius(r2, "linf", d) < lap.p_for_radius(r2 * math.sqrt(d), "l1", d)
+
+
+def test_p_for_radius_rejects_bad_radii():
+    for bad in (-0.1, math.nan, "x", None):
+        with pytest.raises(ValueError, match="radius"):
+            Laplace(sigma=0.5).p_for_radius(bad, "l1", 10)
+    with pytest.raises(ValueError, match="norm"):
+        Laplace(sigma=0.5).p_for_radius(0.1, "l3", 10)
