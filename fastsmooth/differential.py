@@ -172,6 +172,9 @@ class ExpInfTable:
         self.lower_cumulative = np.concatenate([[0.0], np.cumsum(lower)])
         self.upper_cumulative = np.concatenate([[0.0], np.cumsum(upper)])
         self._neg_q = (-q).tolist()
+        # Python floats for the one-point queries (numpy scalars cost ~1 us an operation)
+        self._q, self._f, self._df = q.tolist(), self.f.tolist(), self.df.tolist()
+        self._lower_cum = self.lower_cumulative.tolist()
 
     def _check_convex(self) -> None:
         """Each tangent below its neighbour's point: f convex on the data, else the bound is void."""
@@ -206,10 +209,19 @@ class ExpInfTable:
         if q0 >= 0.5:
             return 0.0
         j = self._locate(q0)
-        if j >= len(self.q) - 1:
-            return float(self.lower_cumulative[-1])
-        part = self._envelope(np.float64(q0), self.q[j], j)
-        return float(self.lower_cumulative[j] + part)
+        if j >= len(self._q) - 1:
+            return self._lower_cum[-1]
+        # _envelope for one point, in Python floats: T_{j+1} left of where the tangents cross, T_j right.
+        q_hi, f_hi, d_hi = self._q[j], self._f[j], self._df[j]
+        q_lo, f_lo, d_lo = self._q[j + 1], self._f[j + 1], self._df[j + 1]
+        cross = q_lo
+        if d_lo != d_hi:
+            cross = min(max((f_hi - f_lo + d_lo * q_lo - d_hi * q_hi) / (d_lo - d_hi), q_lo), q_hi)
+        split = max(cross, q0)
+        part = (q_hi - split) * (f_hi + d_hi * ((split + q_hi) / 2.0 - q_hi))
+        if split > q0:
+            part += (split - q0) * (f_lo + d_lo * ((q0 + split) / 2.0 - q_lo))
+        return self._lower_cum[j] + part
 
     def upper(self, q0: float) -> float:
         """The chord bound on the same integral from above (for q0 >= the table's end): its accuracy."""
