@@ -23,6 +23,13 @@ and by the symmetry of both noises every vertex gives the same value: v = (1, ..
   and Phi'(q) = k t^b (the quantile of Y at 1 - q). k = 1 gives Phi(q) = q: the closed form
   lambda log(1 / (2(1 - p_A))), which noises.py keeps.
 
+Their level-set method (Neyman-Pearson for one fixed perturbation) is exact along that perturbation,
+so it certifies a ball only where the worst perturbation of the ball is known: for the Gaussian
+(l2), Uniform (l1, l_inf) and Laplace (l1), whose closed forms in noises.py are those exact values.
+For Laplace and ExpInf in l_inf no worst perturbation is proven (the cube's vertex (R, ..., R) is
+the differential method's direction, not a proven minimizer of the Neyman-Pearson bound), so the
+differential method is the certificate there.
+
 Soundness of the numbers. Phi is concave on (0, 1/2] (its derivative, a quantile of Y, decreases), so
 f = 1/Phi is convex and decreasing there. On a grid of points (q_j, f_j, f'_j) every tangent of f
 lies below f, so the integral of the upper envelope of the two tangents at an interval's ends is a
@@ -56,7 +63,7 @@ GRID_RATIO_LOG = 0.005  # ExpInf grid: q_j = 1/2 e^(-j h), h = GRID_RATIO_LOG
 NEAR_HALF_RATIO_LOG, NEAR_HALF_POINTS = 0.25, 80  # 1/2 - q from h/2 down to h/2 e^-20
 Q_MIN = 2.0 ** -54      # the grids reach below 1 - p for every double p < 1 (the gap is 2^-53)
 LOWER_TAIL_MAX_SHAPE = 3.1e5  # largest Gamma shape at which SciPy's lower incomplete gamma is trusted
-CACHE_SIZE = 64         # tables kept per kind: (d) for Laplace, (d, k) for ExpInf
+CACHE_SIZE = 16         # tables kept per kind: (d) for Laplace, (d, k) for ExpInf (~1.3 MB each)
 
 
 def laplace_linf(p_lower: float, dim: int) -> float:
