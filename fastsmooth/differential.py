@@ -39,13 +39,14 @@ with h = 0.005 (and a finer grid in 1/2 - q near 1/2) the lower bound is within 
 integral (relative; 6e-6 the worst measured over d = 1 ... 150528, k = 0.5 ... 100).
 The grid points are computed from the forward functions at a chosen t (the inverse only places
 them), so each is a point of the true curve up to the special functions' rounding: SciPy's upper
-incomplete gamma (shapes up to 3e7), its lower one (up to 3.1e5), the Pochhammer ratio and the
-binomial tails (d up to 3e6) were measured against mpmath at 40 digits to <= 5e-12 relative over
-the tails used here (tests/test_differential.py repeats the check). Every radius is multiplied by
-1 - MARGIN to cover that rounding with a factor of 200 to spare. SciPy's lower incomplete gamma
-loses accuracy beyond shape 3e5 (8e-11 relative error at 4e5, 1e-6 at 1e6, measured), so ExpInf
-with k < 1 and d/k > 3.1e5 has no l_inf certificate here (None): noises.py then falls back to the
-conversion of the l1 radius.
+incomplete gamma (shapes up to 3e7), its lower one (up to 3.1e5; this module's series beyond),
+the Pochhammer ratio and the binomial tails (d up to 3e6) were measured against mpmath at 40
+digits to <= 5e-12 relative over the tails used here (tests/test_differential.py repeats the
+check). Every radius is multiplied by 1 - MARGIN to cover that rounding with a factor of 200 to
+spare. SciPy's lower incomplete gamma loses accuracy in the far tail beyond shape 3e5 (8e-11
+relative error at 4e5, 1e-6 at 1e6, 1e-3 at 4e6, measured), so ``lower_gamma`` sums the power
+series there itself (1e-12). Only ExpInf with k < 1 and d/k > 1e8 has no l_inf table (None):
+noises.py then converts the l1 radius.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ GRID_RATIO_LOG = 0.005  # ExpInf grid: q_j = 1/2 e^(-j h), h = GRID_RATIO_LOG
 NEAR_HALF_RATIO_LOG, NEAR_HALF_POINTS = 0.25, 80  # 1/2 - q from h/2 down to h/2 e^-20
 Q_MIN = 2.0 ** -54      # the grids reach below 1 - p for every double p < 1 (the gap is 2^-53)
 LOWER_TAIL_MAX_SHAPE = 3.1e5  # largest Gamma shape at which SciPy's lower incomplete gamma is trusted
+SERIES_Z = 4.0          # beyond it, tails more than 4 standard deviations below the mean use the series
+SERIES_MAX_SHAPE = 1e8  # the series' cost grows as sqrt(shape): above this, no ExpInf(k < 1) table
 CACHE_SIZE = 16         # tables kept per kind: (d) for Laplace, (d, k) for ExpInf (~1.3 MB each)
 
 
@@ -80,7 +83,7 @@ def expinf_linf(p_lower: float, dim: int, k: float) -> Optional[float]:
     """l_inf radius of ExpInf(k) noise of scale lambda = 1 (multiply by lambda), k != 1.
 
     A lower bound within 1e-5 (relative) of the differential method's exact value, times
-    1 - MARGIN; None where this module does not certify (k < 1 with d/k > 3.1e5, see the module
+    1 - MARGIN; None where this module does not certify (k < 1 with d/k > 1e8, see the module
     docstring).
     """
     table = _expinf_table(int(dim), float(k))
@@ -144,24 +147,30 @@ def _laplace_table(dim: int) -> LaplaceTable:
 # ExpInf(k): f = 1/Phi on a geometric grid, integrated under the envelope of its tangents.
 # ----------------------------------------------------------------------------------------------
 class ExpInfTable:
-    """Points (q_j, f_j = 1/Phi(q_j), f'_j) for q_j from 1/2 down to Q_MIN, and for each interval
+    """Points (q_j, f_j = 1/phi(q_j), f'_j) for q_j from 1/2 down to Q_MIN, and for each interval
     [q_{j+1}, q_j] the integral of max(T_j, T_{j+1}) (T the tangents: a lower bound, f convex) and
-    of the chord (an upper bound), accumulated from q = 1/2."""
+    of the chord (an upper bound), accumulated from q = 1/2. In units of ``unit`` = k c / 2
+    (c = Gamma(a + b) / Gamma(a)): phi = Phi / unit is a tail probability, which keeps the numbers
+    far from overflow for any k (c spans a^b)."""
 
     def __init__(self, dim: int, k: float):
         a, b = dim / k, (k - 1.0) / k
         c = float(special.poch(a, b))  # Gamma(a + b) / Gamma(a), accurate for large a (unlike lgamma)
+        if not 1e-300 < c < 1e300:
+            raise OverflowError(f"ExpInf(k={k}) at d={dim}: Gamma(a + b) / Gamma(a) = {c} is out of range")
+        self.unit = k * c / 2.0
         target = _expinf_grid()
         if b > 0:  # Y grows with r: its top 2q are the largest r, t an upper quantile of Gamma(a)
             t = special.gammainccinv(a, 2.0 * target)
-            q, phi = special.gammaincc(a, t) / 2.0, k / 2.0 * c * special.gammaincc(a + b, t)
+            q, phi = special.gammaincc(a, t) / 2.0, special.gammaincc(a + b, t)
         else:      # k < 1: Y shrinks with r: the smallest r, t a lower quantile
             t = special.gammaincinv(a, 2.0 * target)
-            q, phi = special.gammainc(a, t) / 2.0, k / 2.0 * c * special.gammainc(a + b, t)
-        dphi = k * t ** b
-        # q = 1/2: Phi = E[Y; Y > 0] = k c / 2, and Phi'(1/2-) = k t^b -> 0 (t -> 0 or t -> inf).
+            q, phi = lower_gamma(a, t) / 2.0, lower_gamma(a + b, t)
+        with np.errstate(over="ignore", divide="ignore"):
+            dphi = 2.0 * t ** b / c  # Phi'(q) = k t^b, over unit
+        # q = 1/2: Phi = E[Y; Y > 0] = unit, and Phi'(1/2-) = k t^b -> 0 (t -> 0 or t -> inf).
         q = np.concatenate([[0.5], q])
-        phi = np.concatenate([[k / 2.0 * c], phi])
+        phi = np.concatenate([[1.0], phi])
         dphi = np.concatenate([[0.0], dphi])
         # Points the floats cannot place (t underflows near q = 1/2 for tiny shapes) are dropped:
         # any subset of points of the curve gives a valid envelope, only a coarser one.
@@ -217,7 +226,7 @@ class ExpInfTable:
             return 0.0
         j = self._locate(q0)
         if j >= len(self._q) - 1:
-            return self._lower_cum[-1]
+            return self._lower_cum[-1] / self.unit
         # _envelope for one point, in Python floats: T_{j+1} left of where the tangents cross, T_j right.
         q_hi, f_hi, d_hi = self._q[j], self._f[j], self._df[j]
         q_lo, f_lo, d_lo = self._q[j + 1], self._f[j + 1], self._df[j + 1]
@@ -228,7 +237,7 @@ class ExpInfTable:
         part = (q_hi - split) * (f_hi + d_hi * ((split + q_hi) / 2.0 - q_hi))
         if split > q0:
             part += (split - q0) * (f_lo + d_lo * ((q0 + split) / 2.0 - q_lo))
-        return self._lower_cum[j] + part
+        return (self._lower_cum[j] + part) / self.unit
 
     def upper(self, q0: float) -> float:
         """The chord bound on the same integral from above (for q0 >= the table's end): its accuracy."""
@@ -239,7 +248,7 @@ class ExpInfTable:
             return math.inf
         q_hi, q_lo = self.q[j], self.q[j + 1]
         f_q0 = self.f[j + 1] + (self.f[j] - self.f[j + 1]) * (q0 - q_lo) / (q_hi - q_lo)  # chord at q0
-        return float(self.upper_cumulative[j] + (q_hi - q0) * (self.f[j] + f_q0) / 2.0)
+        return float(self.upper_cumulative[j] + (q_hi - q0) * (self.f[j] + f_q0) / 2.0) / self.unit
 
 
 def _expinf_grid() -> np.ndarray:
@@ -253,6 +262,61 @@ def _expinf_grid() -> np.ndarray:
 
 @lru_cache(maxsize=CACHE_SIZE)
 def _expinf_table(dim: int, k: float) -> Optional[ExpInfTable]:
-    if k < 1.0 and dim / k > LOWER_TAIL_MAX_SHAPE:
+    if k < 1.0 and dim / k > SERIES_MAX_SHAPE:
         return None
-    return ExpInfTable(dim, k)
+    try:
+        return ExpInfTable(dim, k)
+    except OverflowError:  # extreme k: Gamma(a + b) / Gamma(a) is not a double
+        return None
+
+
+def lower_gamma(a: float, t: np.ndarray) -> np.ndarray:
+    """The regularized lower incomplete gamma P(a, t), accurate in relative terms at every shape.
+
+    SciPy's ``gammainc`` up to shape LOWER_TAIL_MAX_SHAPE, and beyond it within SERIES_Z standard
+    deviations below the mean (its asymptotic branch there: <= 5e-15 measured up to shape 4e6).
+    Further out SciPy stops its power series after 2000 terms (1e-6 relative error at shape 1e6,
+    1e-3 at 4e6, measured), so the series is summed here to convergence (``_lower_gamma_series``).
+    """
+    t = np.asarray(t, dtype=np.float64)
+    out = np.asarray(special.gammainc(a, t), dtype=np.float64)
+    if a > LOWER_TAIL_MAX_SHAPE:
+        far = t < a - SERIES_Z * math.sqrt(a)
+        if far.any():
+            out = out.copy()
+            out[far] = _lower_gamma_series(a, t[far])
+    return out
+
+
+def _lower_gamma_series(a: float, t: np.ndarray) -> np.ndarray:
+    """P(a, t) for 0 < t < a by P = t^a e^-t / Gamma(a+1) * sum_n t^n / ((a+1) ... (a+n)) (Abramowitz
+    & Stegun 6.5.29; positive terms, summed until they fall below 1e-17 of the sum), with the log of
+    the prefactor written as a (log(1+u) - u) - log(2 pi a)/2 - (1/(12a) - 1/(360a^3)), u = t/a - 1
+    (Stirling's series for lgamma(a+1), its next term below 1e-19 at a > 3e5): the direct
+    a log t - t - lgamma(a+1) cancels ~1e7-sized terms. 1e-12 relative error measured at 4e6."""
+    u = t / a - 1.0
+    log_prefactor = a * _log1p_minus(u) - 0.5 * math.log(2.0 * math.pi * a) - (1.0 / (12.0 * a) - 1.0 / (360.0 * a ** 3))
+    total, term = np.ones_like(t), np.ones_like(t)
+    live, tl = np.arange(t.size), t.copy()
+    n = 0
+    while live.size:
+        n += 1
+        term[live] *= tl / (a + n)
+        total[live] += term[live]
+        going = term[live] > 1e-17 * total[live]
+        live, tl = live[going], tl[going]
+    return np.exp(log_prefactor) * total
+
+
+def _log1p_minus(u: np.ndarray) -> np.ndarray:
+    """log(1 + u) - u without cancellation: its Taylor series -u^2/2 + u^3/3 - ... for |u| < 1/4."""
+    out = np.log1p(u) - u
+    small = np.abs(u) < 0.25
+    if small.any():
+        v = u[small]
+        power, acc = v * v, np.zeros_like(v)
+        for n in range(2, 40):  # |u|^40 / 40 < 1e-25
+            acc += power / n if n % 2 else -power / n
+            power = power * v
+        out[small] = acc
+    return out

@@ -282,7 +282,10 @@ class ExpInf(Noise):
         """R_1 / (p - 1/2) = 2 lambda d/(d-1) Gamma(d/k)/Gamma((d-1)/k), d >= 2; the Gamma ratio as a
         Pochhammer symbol, accurate at large d/k where a difference of lgammas loses digits."""
         k = self.k
-        return 2.0 * lam * dim / (dim - 1) * float(poch((dim - 1) / k, 1.0 / k))
+        slope = 2.0 * lam * dim / (dim - 1) * float(poch((dim - 1) / k, 1.0 / k))
+        if not math.isfinite(slope):  # a radius of inf would claim every distance
+            raise OverflowError(f"ExpInf(k={k}) at d={dim}: the l1 radius overflows a double")
+        return slope
 
     def _direct_radii(self, p, lam, dim):
         k = self.k
@@ -296,7 +299,7 @@ class ExpInf(Noise):
             radii["linf"] = lam * _log_inv_2q(p)
         else:
             # Yang et al. 2020's differential method, a guaranteed lower bound (differential.py);
-            # None where it does not certify (k < 1 at d/k > 3.1e5): the l1 radius converts.
+            # None where it does not certify (k < 1 at d/k > 1e8): the l1 radius converts.
             linf = differential.expinf_linf(p, dim, k)
             if linf is not None:
                 radii["linf"] = lam * linf

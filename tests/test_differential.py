@@ -141,15 +141,34 @@ def test_expinf_phi_against_the_sampled_noise(k):
 @pytest.mark.parametrize("k", [0.5, 1.5, 2.0, 10.0])
 @pytest.mark.parametrize("d", [1, 2, 3, 784, 3072, 150528])
 def test_expinf_linf_against_quadrature(d, k):
-    """A lower bound within 1e-5 of the quadrature, never above it (k < 1 at d/k > 3.1e5: none)."""
-    if k < 1 and d / k > differential.LOWER_TAIL_MAX_SHAPE:
-        assert differential.expinf_linf(0.9, d, k) is None
-        noise = ExpInf(k=k, scale=1.0)  # the radius falls back to the l1 conversion
-        assert noise.radius(0.9, "linf", d) == pytest.approx(noise.radius(0.9, "l1", d) / d, rel=1e-12)
-        return
+    """A lower bound within 1e-5 of the quadrature, never above it."""
     for p in P_GRID:
         got, ref = differential.expinf_linf(p, d, k), expinf_linf_reference(p, d, k)
         assert ref * (1 - 1e-5) <= got <= ref * (1 + 1e-10), (d, k, p, got, ref)
+
+
+@pytest.mark.parametrize("a", [1.0e6, 4.0e6])
+def test_lower_gamma_beyond_scipys_shapes(a):
+    """Past shape 3e5 SciPy's far lower tail is off (1e-3 at 4e6); differential.lower_gamma sums
+    the series there itself: against mpmath's series at 40 digits, on both sides of the switch."""
+    s = math.sqrt(a)
+    t = np.array([a - 8.2 * s, a - 6 * s, a - 4.2 * s, a - 3.9 * s, a - 2 * s, a - 0.5 * s])
+    got = differential.lower_gamma(a, t)
+    for value, x in zip(got, t):
+        exact = float(_mp_lower_gamma(a, x))
+        assert abs(value - exact) <= differential.MARGIN / 100 * exact, (a, (a - x) / s)
+
+
+def test_expinf_linf_at_shapes_beyond_scipy():
+    """k < 1 at d/k > 3e5 (the series' domain): a bracketed table, and l_inf above the l1 conversion
+    by the differential method's usual factor (about 2 at p = 0.9); beyond d/k = 1e8, none."""
+    for d, k in ((150528, 0.1), (3 * 1024 * 1024, 0.5)):
+        table = differential._expinf_table(d, k)
+        for p in (0.51, 0.9, 0.9999, 1 - 1e-12):
+            assert table.lower(1 - p) <= table.upper(1 - p) <= table.lower(1 - p) * (1 + 1e-5)
+        noise = ExpInf(k=k, scale=1.0)
+        assert 1.9 < noise.radius(0.9, "linf", d) / (noise.radius(0.9, "l1", d) / d) < 2.1
+    assert differential.expinf_linf(0.9, 150528, 0.0015) is None
 
 
 @pytest.mark.parametrize("k", [1.5, 2.0, 10.0])
@@ -168,7 +187,7 @@ def test_expinf_table_brackets_and_is_continuous():
         q = float(table.q[j])
         step = 1e-6 * float(table.q[j - 1] - table.q[j])
         a, b = table.lower(q + step), table.lower(q - step)
-        assert a <= b <= a + 2 * step * float(table.f[j + 1])
+        assert a <= b <= a + 2 * step * float(table.f[j + 1]) / table.unit
         assert table.lower(q) <= table.upper(q) <= table.lower(q) * (1 + 1e-5)
 
 
