@@ -31,7 +31,9 @@ Pow2, and the bases CubicalDist, SphericalDist) raise NotImplementedError. What 
   0 (rs4a returns a negative number). Radii come back in the dtype of prob_lb, rounded toward 0.
 * The smoothed predictions run on fastsmooth's engine (``fastsmooth.sampler.Sampler``): the copies
   of all images of x share full batches of ``len(x) * noise_batch_size`` rows (rs4a's batch size),
-  noise is drawn and added in float32, counts stay on the device until the end; Triton kernels on
+  noise is drawn and added in float32 (float mode: no input grid on this face yet, unlike
+  compat.cohen; x + eps in float32 is rs4a's practice, not sound in floating point, DESIGN §5),
+  counts stay on the device until the end; Triton kernels on
   CUDA, and ``precision="auto"`` runs the model in bf16 on GPUs (``precision="fp32"`` keeps rs4a's
   fp32 model). The model runs in eval mode during the call (its mode is restored afterwards).
   Every call draws a fresh 63-bit noise seed from torch's global CPU generator (so
