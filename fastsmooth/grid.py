@@ -77,6 +77,16 @@ def grid_indices(x: torch.Tensor, grid: int) -> torch.Tensor:
     return k.to(torch.int32)
 
 
+def on_grid(x: torch.Tensor, grid: int = 255) -> bool:
+    """Whether x (uint8, or floats within SNAP_TOLERANCE) lies on the grid k / G: the compat faces
+    certify such inputs in grid mode, as the 8-bit data sets of the original scripts are."""
+    try:
+        grid_indices(x, grid)
+    except ValueError:
+        return False
+    return True
+
+
 # ------------------------------------------------------------------------------------------
 # i.i.d. noises: the law of one element's nu and its alias table
 # ------------------------------------------------------------------------------------------

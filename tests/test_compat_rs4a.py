@@ -355,3 +355,17 @@ def test_soft_mean_matches_direct_integration_for_gaussian():
         second = integrate.quad(lambda z: f(z) / (1 + math.exp(-2 * 3.0 * (m + 0.25 * z))), -12, 12)[0]
         sd = math.sqrt(max(second - mean ** 2, 0.0))
         assert abs(probs[i].item() - mean) <= 5 * sd / math.sqrt(n) + 1e-6
+
+
+def test_batches_on_the_8_bit_grid_are_sampled_on_it():
+    """The engine runs in grid mode for a batch on the grid k / 255 and in float mode otherwise."""
+    from fastsmooth.compat import rs4a
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    noise = rs4a.Gaussian(12, sigma=0.25)
+    k = torch.randint(0, 256, (4, 12))
+    rs4a.smooth_predict_hard(model, k / 255.0, noise, sample_size=32)
+    assert rs4a._engine_slot["sampler"].input_grid == 255
+    rs4a.smooth_predict_hard(model, k / 255.0 + 1e-3, noise, sample_size=32)
+    assert rs4a._engine_slot["sampler"].input_grid is None

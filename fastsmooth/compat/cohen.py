@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from ..checks import check_alpha, check_image, check_norm, check_positive_int
-from ..grid import check_input_grid, grid_indices
+from ..grid import check_input_grid, on_grid
 from ..noises import Gaussian, Noise, make_noise
 from ..sampler import Job, model_device
 from ..smooth import Smooth as _EngineSmooth
@@ -137,11 +137,7 @@ class Smooth(object):
             return 255 if self.input_grid == "auto" else self.input_grid
         if self.input_grid != "auto":
             return self.input_grid
-        try:
-            grid_indices(x, 255)
-        except ValueError:
-            return None
-        return 255
+        return 255 if on_grid(x, 255) else None
 
     def _smooth(self, grid: Optional[int] = None) -> _EngineSmooth:
         """fastsmooth's Smooth around the base classifier, rebuilt when the classifier has moved to

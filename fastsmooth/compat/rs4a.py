@@ -31,9 +31,9 @@ Pow2, and the bases CubicalDist, SphericalDist) raise NotImplementedError. What 
   0 (rs4a returns a negative number). Radii come back in the dtype of prob_lb, rounded toward 0.
 * The smoothed predictions run on fastsmooth's engine (``fastsmooth.sampler.Sampler``): the copies
   of all images of x share full batches of ``len(x) * noise_batch_size`` rows (rs4a's batch size),
-  noise is drawn and added in float32 (float mode: no input grid on this face yet, unlike
-  compat.cohen; x + eps in float32 is rs4a's practice, not sound in floating point, DESIGN §5),
-  counts stay on the device until the end; Triton kernels on
+  a batch on the 8-bit grid k / 255 is sampled in grid mode (the noisy inputs formed from integers,
+  sound in floating point, as in compat.cohen; DESIGN §5), any other in float32 arithmetic (x + eps,
+  rs4a's practice, which is not); counts stay on the device until the end; Triton kernels on
   CUDA, and ``precision="auto"`` runs the model in bf16 on GPUs (``precision="fp32"`` keeps rs4a's
   fp32 model). The model runs in eval mode during the call (its mode is restored afterwards).
   Every call draws a fresh 63-bit noise seed from torch's global CPU generator (so
@@ -60,6 +60,7 @@ from torch.distributions import Categorical
 
 from ..backends import draw_noise
 from ..checks import check_alpha, check_dim, check_positive_int, positive_float
+from ..grid import on_grid
 from ..noises import Noise as _FastNoise
 from ..noises import make_noise
 from ..sampler import Job, Sampler, model_device
@@ -83,7 +84,8 @@ def _noisy(noise: _FastNoise, x: torch.Tensor) -> torch.Tensor:
     The stream's copies 0 .. len(x) - 1 of image 0 under a fresh 63-bit seed per call, drawn from
     torch's global CPU generator (rs4a draws from torch's global generators: torch.manual_seed
     makes a run reproducible either way), in float32 on x's device."""
-    # TODO(input_grid): check x against the noise's input grid here and form x + eps on it (DESIGN §5).
+    # Float arithmetic: these copies train a model (rs4a's sample); certification (below) goes through
+    # the engine, in grid mode for inputs on the 8-bit grid.
     seed = int(torch.randint(0, _SEED_BOUND, (), dtype=torch.int64))
     eps = draw_noise(noise, x.shape[0], x.shape[1:], seed=seed, image_index=0, domain=DOMAIN_TRAIN, device=x.device)
     return x + eps
@@ -272,15 +274,19 @@ _engine_slot: dict = {}  # one engine, for the last (model, noise, settings): a 
 
 def _engine(model: nn.Module, noise: _FastNoise, x: torch.Tensor, backend: str, precision: str) -> Sampler:
     """fastsmooth's Sampler for (model, noise, settings), rebuilt when any of them changed. The
-    number of classes is read from one forward of the first image (rs4a reads it from the logits)."""
+    number of classes is read from one forward of the first image (rs4a reads it from the logits).
+    A batch on the 8-bit grid k / 255 (rs4a's data sets before normalization) is sampled in grid
+    mode, sound in floating point (fastsmooth.grid); other inputs in float32 arithmetic, as rs4a."""
     device = model_device(model)
-    key = (id(model), str(device), noise, backend, precision)
+    grid = 255 if on_grid(x, 255) else None
+    key = (id(model), str(device), noise, backend, precision, grid)
     cached = _engine_slot.get("key")
     if cached == key and _engine_slot["model"]() is model:
         return _engine_slot["sampler"]
     with torch.inference_mode():
         num_classes = int(model(x[:1].to(device)).shape[-1])
-    sampler = Sampler(model, num_classes, noise, backend=backend, precision=precision, device=device)
+    sampler = Sampler(model, num_classes, noise, backend=backend, precision=precision, device=device,
+                      input_grid=grid)
     _engine_slot.clear()
     _engine_slot.update(key=key, model=weakref.ref(model), sampler=sampler)
     return sampler
