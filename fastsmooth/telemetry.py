@@ -15,6 +15,7 @@ import sys
 import torch
 
 from .allocator import cpu_allocator_tuned
+from .cpu import proc_cpuinfo, usable_cores
 
 CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "avx2")
 
@@ -58,6 +59,7 @@ def _cpu_facts() -> dict:
         "cpu_model": info.get("model name") or platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "usable_cores": usable_cores(),  # affinity capped by a cgroup quota (what the engine's threads use)
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS} if flags else None,
@@ -76,23 +78,6 @@ def _cpu_facts() -> dict:
     if "MemAvailable" in mem:
         facts["memory_available_bytes"] = mem["MemAvailable"]
     return facts
-
-
-def proc_cpuinfo() -> dict:
-    """The first processor's block of /proc/cpuinfo (Linux); {} elsewhere."""
-    out = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    if out:
-                        break
-                    continue
-                key, _, value = line.partition(":")
-                out.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return out
 
 
 def _proc_meminfo() -> dict:
