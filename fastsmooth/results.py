@@ -77,7 +77,9 @@ class ResultWriter:
 
 META_SUFFIX = ".meta.json"
 _PART = re.compile(r"\.rank(\d+)\.part$")
-_UNCHECKED_META = ("started", "finished")
+# Information beside the settings: when a run started, what compiling cost and why each "auto"
+# choice came out as it did (the choices themselves are settings and are checked).
+UNCHECKED_META = ("started", "finished", "compile_seconds", "tuning")
 
 
 def part_path(out: str, rank: int) -> str:
@@ -159,7 +161,7 @@ def check_metadata(out: str, metadata: dict) -> None:
         raise ValueError(f"cannot resume {out}: unreadable {path} ({exc})") from None
     if not isinstance(old, dict):
         raise ValueError(f"cannot resume {out}: {path} is not a JSON object")
-    keys = [k for k in metadata if k not in _UNCHECKED_META and k in old and old[k] != metadata[k]]
+    keys = [k for k in metadata if k not in UNCHECKED_META and k in old and old[k] != metadata[k]]
     if keys:
         raise ValueError(f"cannot resume {out}: it was written with different settings "
                          f"({', '.join(f'{k}={old[k]!r}' for k in keys)})")

@@ -12,20 +12,23 @@ images share a batch. With ``input_grid`` = G the model sees fl32((k + nu) / G) 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-import time
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from . import tuning
 from .allocator import tune_cpu_allocator
 from .backends import make_backend
+from .cpu import CpuLoad, choose_threads, has_bf16_units, usable_cores
 from .grid import check_input_grid, grid_indices
 from .noises import Noise
 from .seeding import DOMAIN_CERTIFY
-from .telemetry import proc_cpuinfo
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,28 +58,28 @@ class Segment:
     row: int
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16 on this CPU (Linux /proc/cpuinfo): bf16 autocast is then fast."""
-    flags = set(proc_cpuinfo().get("flags", "").split())
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-# On a CPU, bf16 autocast pays off for models with enough arithmetic per copy (measured here with
-# AMX: ResNet-20, 41 M multiply-adds, runs 1.7x faster in bf16; the 0.4 M multiply-add embedded CNN
-# runs 2.5x slower). The rule is deterministic, so a resumed run resolves it the same way.
+# On a CPU, bf16 autocast pays off for some models and not others, and the flags do not tell which
+# (measured here with AMX: ResNet-20 ran 1.7x faster in bf16; the 0.4 M multiply-add embedded CNN once
+# 2.5x slower, later 1.2x faster with malloc tuned): "auto" times both (Sampler.prepare, tuning.py)
+# wherever the CPU has bf16 units (cpu.has_bf16_units). Without timings (FASTSMOOTH_TUNING=off) it
+# falls back to this rule, deterministic given the model: bf16 from 5 M multiply-adds per copy.
 CPU_BF16_MIN_MACS = 5_000_000
+TUNING_ENV = "FASTSMOOTH_TUNING"
 
 
-def resolve_precision(precision: str, device: torch.device, macs_per_copy=None) -> Optional[torch.dtype]:
-    """The model's dtype; for "auto" on a bf16-capable CPU it needs ``macs_per_copy`` (None until known)."""
+def tuning_enabled() -> bool:
+    """Timed calibrations for "auto" choices, unless $FASTSMOOTH_TUNING is "off" (fixed rules)."""
+    return os.environ.get(TUNING_ENV, "on").lower() not in ("off", "0", "no", "false")
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The model's dtype; None for "auto" on a CPU with bf16 units (Sampler.prepare measures it)."""
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16
-        if device.type != "cpu" or not cpu_has_fast_bf16():
+        if device.type != "cpu" or not has_bf16_units():
             return torch.float32
-        if macs_per_copy is None:
-            return None
-        return torch.bfloat16 if macs_per_copy >= CPU_BF16_MIN_MACS else torch.float32
+        return None
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected auto, {', '.join(PRECISIONS)}")
     return PRECISIONS[precision]
@@ -160,7 +163,7 @@ class Sampler:
 
     def __init__(self, model: nn.Module, num_classes: int, noise: Noise, *, backend: str = "auto",
                  precision: str = "auto", seed: int = 0, device=None, channels_last="auto",
-                 cuda_graph="auto", compile: bool = False, micro_batch="auto", input_grid=None):
+                 cuda_graph="auto", compile="auto", micro_batch="auto", threads="auto", input_grid=None):
         if int(num_classes) != num_classes or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         if not isinstance(noise, Noise):
@@ -173,49 +176,339 @@ class Sampler:
         self.noise = noise
         self.seed = int(seed)
         self.input_grid = check_input_grid(input_grid)
+        if channels_last != "auto" and not isinstance(channels_last, bool):
+            raise ValueError(f"channels_last must be 'auto' or a bool, got {channels_last!r}")
         self._precision_request, self._channels_last_request = precision, channels_last
-        self.dtype = resolve_precision(precision, self.device)  # None: "auto", resolved by prepare()
+        self.dtype = resolve_precision(precision, self.device)  # None: "auto", measured by prepare()
         self.channels_last = False
+        self._layout_resolved = False  # precision and layout final (prepare)
         self.backend = make_backend(backend, self.device)
-        if self.dtype is not None:
-            self._set_layout()
         self._buffer: Optional[torch.Tensor] = None
         self._slots: Optional[torch.Tensor] = None
         # On CUDA the forward of a full batch is captured once in a CUDA graph over the static batch
         # buffer and replayed: one launch instead of one per layer. Falls back to eager if capture fails.
         self.cuda_graph = self.device.type == "cuda" if cuda_graph == "auto" else bool(cuda_graph)
         self._graphs = {}  # (buffer pointer, batch shape) -> (graph, its static logits)
-        # Opt-in torch.compile: the compiled forward is part of the base classifier (its numerics
-        # may differ in the last bits), so it is recorded with the results like the precision.
-        self.compile = bool(compile)
-        self._net = torch.compile(self.model) if self.compile else self.model
-        self._compiled_shapes: set = set()
-        self.compile_seconds = 0.0  # wall time of the first forward of each batch shape, compiling
+        # torch.compile ("auto": when the announced work amortizes it, see _decide_compile). The
+        # compiled forward is part of the base classifier (its numerics may differ from eager in the
+        # last bits), so whether it ran is recorded with the results like the precision.
+        self._compile_request = tuning.parse_compile(compile)
+        self.compile = self._compile_request == "on"
+        self._compile_decided = self._compile_request != "auto"
+        self._compiled: Optional[tuning.CompiledModel] = None
+        self._compiled_rows: set = set()  # the call sizes compiled (one static shape each)
+        self._call_size = 0  # rows of every call of the compiled model (the last size compiled)
+        self.compile_seconds = 0.0  # compiling's wall time (first call of each shape minus a call)
+        self._expected_copies = 0   # the work announced by expect()
+        self._eager_seconds: Optional[float] = None  # the chosen configuration's, once measured
+        self._auto_batch: Optional[int] = None       # batch_size="auto", once resolved
+        # Why each "auto" choice came out as it did (timings, estimates): recorded with the results
+        # for information; a resumed run reuses the choices themselves, not these figures.
+        self.tuning: dict = {}
         # Copies per model call, 0 for the whole batch ("auto" until prepare(), see
         # resolve_micro_batch). Which copies share a call can change a model's last bits, so this
         # too is recorded with the results.
+        self._micro_batch_request = micro_batch
         self.micro_batch = (micro_batch if micro_batch == "auto"
                             else resolve_micro_batch(micro_batch, self.device, torch.float32, None))
+        # Intra-op threads per call on a CPU ("auto": the cores other processes leave free, never
+        # more than torch.get_num_threads(); cpu.choose_threads). They change no result (cpu.py).
+        if threads != "auto" and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be 'auto' or a positive integer, got {threads!r}")
+        self.threads = threads
+        self._load = CpuLoad() if self.device.type == "cpu" and threads == "auto" else None
+        if self.device.type != "cpu" or not tuning_enabled():
+            self._resolve_by_rule()
 
-    def _set_layout(self) -> None:
-        if self._channels_last_request == "auto":
-            self.channels_last = self.device.type == "cuda" or self.dtype != torch.float32
-        else:
-            self.channels_last = bool(self._channels_last_request)
+    # -- the "auto" choices ----------------------------------------------------------------------
+    def expect(self, copies: int) -> None:
+        """Announce the noisy copies the caller will draw in all (all images, n0 + n each): with
+        compile="auto" the engine compiles when that work amortizes the compile. Raises an earlier
+        figure, never lowers it; effective until the decision, which the first call makes."""
+        self._expected_copies = max(self._expected_copies, int(copies))
+
+    def _resolve_by_rule(self, macs: Optional[int] = None) -> None:
+        """Precision and layout without timings: bf16 on CUDA and (FASTSMOOTH_TUNING=off) on bf16
+        CPUs from CPU_BF16_MIN_MACS; channels_last on CUDA and for half precisions."""
+        if self.dtype is None:
+            if macs is None:
+                return  # needs the model's multiply-adds: prepare() calls again with them
+            self.dtype = torch.bfloat16 if macs >= CPU_BF16_MIN_MACS else torch.float32
+        cl = self._channels_last_request
+        self._set_layout(self.device.type == "cuda" or self.dtype != torch.float32 if cl == "auto" else bool(cl))
+
+    def _set_layout(self, channels_last: bool) -> None:
+        self.channels_last = bool(channels_last)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self._layout_resolved = True
 
-    def prepare(self, shape) -> None:
-        """Resolve the "auto" choices for inputs of ``shape``, once: the precision on a CPU (by the
-        model's multiply-adds) and the copies per model call (resolve_micro_batch)."""
-        if self.dtype is not None and self.micro_batch != "auto":
+    def _candidates(self, shape, probe: "ModelProbe") -> list:
+        """(dtype, channels_last) pairs worth timing on this CPU: fp32 and (with bf16 units) bf16,
+        channels_last for half precisions and, for convolutional models of >= CPU_BF16_MIN_MACS
+        multiply-adds, both layouts for fp32 (smaller ones keep NCHW: the layout matters little)."""
+        dtypes = [self.dtype] if self.dtype is not None else [torch.float32, torch.bfloat16]
+        cl = self._channels_last_request
+        images = len(shape) == 3 and any(isinstance(m, nn.Conv2d) for m in self.model.modules())
+        out = []
+        for dtype in dtypes:
+            if cl != "auto":
+                layouts = [bool(cl)]
+            elif dtype != torch.float32:
+                layouts = [True]
+            elif images and probe.macs >= CPU_BF16_MIN_MACS:
+                layouts = [False, True]
+            else:
+                layouts = [False]
+            out += [(dtype, layout) for layout in layouts]
+        return out
+
+    @staticmethod
+    def _label(dtype, channels_last, micro_batch) -> str:
+        name = {v: k for k, v in PRECISIONS.items()}[dtype]
+        return f"{name}/{'channels_last' if channels_last else 'nchw'}/micro_batch={micro_batch}"
+
+    def _calibrate(self, shape, probe, candidates) -> dict:
+        """Seconds per copy of the eager forward of each candidate (label -> s), from the cache for
+        this model shape and machine, else timed (tuning.seconds_per_copy) and cached."""
+        micro = {c: resolve_micro_batch(self._micro_batch_request, self.device, c[0], probe) for c in candidates}
+        labels = {c: self._label(*c, micro[c]) for c in candidates}
+        cache = tuning.TuningCache()
+        key = tuning.fingerprint(self.model, shape, self.device, "eager:" + ",".join(sorted(labels.values())))
+        cached = cache.get(key).get("seconds_per_copy") or {}
+        if all(isinstance(cached.get(label), (int, float)) for label in labels.values()):
+            self.tuning["calibration"] = {"source": "cache", "seconds_per_copy": cached}
+            return {c: cached[labels[c]] for c in candidates}
+        rows = {c: micro[c] or 256 for c in candidates}  # one model call each
+        runs = {}
+        for c in candidates:
+            x = tuning.probe_batch(rows[c], shape, self.device, *c)
+
+            def run(c=c, x=x):
+                self.model.to(memory_format=torch.channels_last if c[1] else torch.contiguous_format)
+                return tuning.eager_forward(self.model, x, c[0], micro[c])
+
+            runs[labels[c]] = run
+        per_call = tuning.best_seconds(runs, self.device)
+        out = {c: per_call[labels[c]] / rows[c] for c in candidates}
+        self.model.to(memory_format=torch.contiguous_format)
+        cache.update(key, seconds_per_copy={labels[c]: out[c] for c in candidates})
+        self.tuning["calibration"] = {"source": "measured", "seconds_per_copy": {labels[c]: out[c] for c in candidates}}
+        return out
+
+    def prepare(self, shape, batch_size: Optional[int] = None, copies: int = 0) -> None:
+        """Resolve the "auto" choices for inputs of ``shape`` (once each): precision and layout (on a
+        CPU by a timed calibration, tuning.py), the copies per model call (resolve_micro_batch) and
+        whether to compile (by the work announced with expect(), or ``copies``, this call's); then
+        build the compiled model for calls of this ``batch_size`` if needed (or rebuild it if the
+        model's weights changed since)."""
+        with self.threads_for_call():
+            self._prepare(tuple(shape), batch_size, copies)
+
+    def decide(self, shape, batch_size: Optional[int] = None, copies: int = 0) -> None:
+        """prepare() without building the compiled model: every choice made, nothing compiled yet
+        (what a torchrun job's rank 0 hands the other processes, which then compile alongside it)."""
+        with self.threads_for_call():
+            self._decide(tuple(shape), batch_size, copies)
+
+    def _decide(self, shape, batch_size, copies) -> None:
+        self._resolve_layout(shape)
+        if not self._compile_decided:
+            self._decide_compile(shape, max(self._expected_copies, int(copies)), batch_size)
+            self._compile_decided = True
+
+    def _prepare(self, shape, batch_size, copies) -> None:
+        self._decide(shape, batch_size, copies)
+        if self.compile:
+            self._ensure_compiled(shape, batch_size)
+
+    def _resolve_layout(self, shape) -> None:
+        """Precision, layout and micro-batch, once: timed on a CPU (tuning.py), else by rule."""
+        if not self._layout_resolved or self.micro_batch == "auto":
+            probe = probe_model(self.model, shape, self.device) if self.device.type == "cpu" else None
+            if not self._layout_resolved:
+                if self.device.type != "cpu" or not tuning_enabled():
+                    self._resolve_by_rule(probe.macs if probe is not None else 0)
+                else:
+                    candidates = self._candidates(shape, probe)
+                    if len(candidates) == 1:
+                        self.dtype = candidates[0][0]
+                        self._set_layout(candidates[0][1])
+                    else:
+                        timed = self._calibrate(shape, probe, candidates)
+                        best = min(candidates, key=lambda c: timed[c])
+                        fp32 = [c for c in candidates if c[0] == torch.float32]
+                        if best[0] != torch.float32 and fp32:
+                            # bf16 only when clearly faster than the best fp32 layout
+                            best_fp32 = min(fp32, key=lambda c: timed[c])
+                            if timed[best_fp32] < tuning.BF16_MIN_GAIN * timed[best]:
+                                best = best_fp32
+                        self.dtype = best[0]
+                        self.model.to(memory_format=torch.contiguous_format)
+                        self._set_layout(best[1])
+                        self._eager_seconds = timed[best]
+            if self.micro_batch == "auto":
+                self.micro_batch = resolve_micro_batch("auto", self.device, self.dtype, probe)
+
+    def batch_size_for(self, shape) -> int:
+        """The batch for batch_size="auto": on a CPU tuning.CPU_BATCH (1000; micro-batches keep the
+        activations in the caches); on a GPU the size after which doubling stops paying, up to half
+        the free memory (tuning.measure_gpu_batch), measured once per model shape and GPU (cached)."""
+        if self._auto_batch is not None:
+            return self._auto_batch
+        shape = tuple(shape)
+        self._resolve_layout(shape)
+        if self.device.type != "cuda" or not tuning_enabled():
+            self._auto_batch = tuning.CPU_BATCH
+            return self._auto_batch
+        cache = tuning.TuningCache()
+        key = tuning.fingerprint(self.model, shape, self.device, f"batch:{self.precision}:{self.channels_last}")
+        cached = cache.get(key).get("batch")
+        if isinstance(cached, int) and cached > 0:
+            self._auto_batch = cached
+            self.tuning["batch"] = {"batch": cached, "source": "cache"}
+            return cached
+
+        def make_run(rows):
+            x = tuning.probe_batch(rows, shape, self.device, self.dtype, self.channels_last)
+            return lambda: tuning.eager_forward(self.model, x, self.dtype, self.micro_batch)
+
+        batch, details = tuning.measure_gpu_batch(make_run, self.device)
+        self._auto_batch = batch
+        self.tuning["batch"] = {"batch": batch, "source": "measured", **details}
+        cache.update(key, batch=batch, **details)
+        return batch
+
+    def _call_rows(self, batch_size: Optional[int]) -> int:
+        """Rows of every call of the compiled model: the micro-batch, else the whole batch."""
+        return self.micro_batch or int(batch_size or tuning.CPU_BATCH)
+
+    def _eager_seconds_per_copy(self, shape, batch_size, copies: int, estimate) -> float:
+        """The eager forward's seconds per copy in the chosen configuration: from the calibration,
+        else timed at the call size. First one untimed call of a few copies: it bounds the per-copy
+        time from above (small batches and first calls are slower), so if even it saves too little
+        no timing can change the answer, and small work pays no more than that call."""
+        if self._eager_seconds is not None:
+            return self._eager_seconds
+        rows = self._call_rows(batch_size) if self.device.type == "cpu" else min(self._call_rows(batch_size), 1024)
+        for probe_rows in (min(rows, 16), rows):
+            x = tuning.probe_batch(probe_rows, shape, self.device, self.dtype, self.channels_last)
+            run = {"eager": lambda: tuning.eager_forward(self.model, x, self.dtype, self.micro_batch)}
+            if probe_rows < rows:
+                bound = tuning.time_once(run["eager"], self.device) / probe_rows
+                if not tuning.should_compile(bound, copies, estimate):
+                    return bound
+                continue
+            self._eager_seconds = tuning.best_seconds(run, self.device, rounds=2)["eager"] / rows
+        return self._eager_seconds
+
+    def _compile_key(self, shape, batch_size) -> str:
+        what = f"compile:{self.precision}:{self.channels_last}:{self._call_rows(batch_size)}"
+        return tuning.fingerprint(self.model, shape, self.device, what)
+
+    def _decide_compile(self, shape, copies: int, batch_size) -> None:
+        """compile="auto": compile when the eager forward time the compiled one is expected to save
+        on ``copies`` exceeds the expected compile time (tuning.should_compile). Decided once; a
+        resumed run is given the recorded decision instead (cli.py)."""
+        if not tuning_enabled():
+            self.tuning["compile"] = {"decision": "off", "why": f"{TUNING_ENV}=off: no timings to decide by"}
             return
-        probe = probe_model(self.model, tuple(shape), self.device) if self.device.type == "cpu" else None
-        if self.dtype is None:
-            self.dtype = resolve_precision(self._precision_request, self.device, probe.macs)
-            self._set_layout()
-        if self.micro_batch == "auto":
-            self.micro_batch = resolve_micro_batch("auto", self.device, self.dtype, probe)
+        modules = sum(1 for _ in self.model.modules())
+        estimate = tuning.estimate_compile(tuning.TuningCache().get(self._compile_key(shape, batch_size)),
+                                           self.device, modules)
+        eager = self._eager_seconds_per_copy(shape, batch_size, copies, estimate)
+        self.compile = tuning.should_compile(eager, copies, estimate)
+        self.tuning["compile"] = {
+            "decision": "on" if self.compile else "off", "copies": copies,
+            "eager_seconds_per_copy": eager, "expected_compile_seconds": estimate.seconds,
+            "expected_speedup": estimate.speedup, "estimate": estimate.source}
+
+    @torch.inference_mode()
+    def _ensure_compiled(self, shape, batch_size) -> None:
+        """Build (or, after a weight change, rebuild) the compiled model and compile it for calls of
+        _call_rows rows, timing the compile; on failure, one line on stderr and eager from then on."""
+        if self._compiled is not None and self._compiled.stale():
+            self._compiled, self._compiled_rows = None, set()
+            self._graphs.clear()
+        rows = self._call_rows(batch_size)
+        if self._compiled is not None and rows in self._compiled_rows:
+            self._call_size = rows
+            return
+        x = tuning.probe_batch(rows, shape, self.device, self.dtype, self.channels_last)
+        amp = self.dtype != torch.float32
+        autocast = functools.partial(torch.autocast, self.device.type, dtype=self.dtype, enabled=amp,
+                                     cache_enabled=False)
+        with autocast():
+            eager = self.model(x)  # outside the try: a model that fails eagerly fails as itself
+        try:
+            if self._compiled is None:
+                self._compiled = tuning.CompiledModel(self.model, self.device)
+            out = []
+            with autocast():
+                first = tuning.time_once(lambda: out.append(self._compiled(x)), self.device)  # compiles
+            self._check_compiled(out[0], eager)
+            # Compiled against eager, interleaved at this moment (a busy machine's speed drifts
+            # between the calibration and now): the speed-up the cache keeps for the next decision.
+            runs = {"compiled": lambda: self._compiled(x), "eager": lambda: self.model(x)}
+            with autocast():
+                timed = tuning.best_seconds(runs, self.device, rounds=3)
+        except Exception as exc:
+            self._drop_compiled(exc)
+            return
+        seconds = max(0.0, first - timed["compiled"])
+        self.compile_seconds += seconds
+        self._compiled_rows.add(rows)
+        self._call_size = rows
+        speedup = timed["eager"] / timed["compiled"]
+        info = self.tuning.setdefault("compile", {"decision": "on", "why": "compile=on"})
+        info.update(compile_seconds=self.compile_seconds, speedup=speedup, cache_dir=self._compiled.cache_dir)
+        key = self._compile_key(shape, batch_size)
+        cache = tuning.TuningCache()
+        entry = cache.get(key)
+        cache.update(key, compile_seconds=(list(entry.get("compile_seconds") or []) + [seconds])[-5:],
+                     speedups=(list(entry.get("speedups") or []) + [speedup])[-5:])
+
+    @staticmethod
+    def _check_compiled(compiled: torch.Tensor, eager: torch.Tensor) -> None:
+        """The compiled forward must compute the model: finite where eager is, and within 25 % in
+        relative norm (bf16 autocast differs by a few %; a miscompilation by far more)."""
+        if not isinstance(compiled, torch.Tensor) or compiled.shape != eager.shape:
+            raise RuntimeError("the compiled model's output differs in shape from the eager model's")
+        c, e = compiled.float(), eager.float()
+        if bool(torch.isfinite(e).all()) and not bool(torch.isfinite(c).all()):
+            raise RuntimeError("the compiled model produced non-finite logits where the eager model did not")
+        err = float((c - e).norm() / e.norm().clamp(min=1e-30))
+        if err > 0.25:
+            raise RuntimeError(f"the compiled model's logits differ from the eager model's by {err:.2g} in relative norm")
+
+    def _drop_compiled(self, exc: BaseException) -> None:
+        """Compilation failed: one line on standard error (no traceback), eager from now on."""
+        tuning.report_compile_failure(exc)
+        self._compiled, self._compiled_rows, self.compile = None, set(), False
+        self._graphs.clear()
+        info = self.tuning.setdefault("compile", {})
+        info.update(decision="off", failed=tuning.compile_failure_line(exc))
+
+    @contextlib.contextmanager
+    def threads_for_call(self):
+        """Within: the intra-op threads of one engine call (threads="auto": cpu.choose_threads by
+        the load other processes put on the cores; restored afterwards)."""
+        if self.device.type != "cpu":
+            yield
+            return
+        before = torch.get_num_threads()
+        if self.threads == "auto":
+            n = before if self._load is None else choose_threads(usable_cores(), self._load.others_busy(), before)
+        else:
+            n = int(self.threads)
+        self.tuning["threads"] = n
+        if n != before:
+            torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            if n != before:
+                torch.set_num_threads(before)
 
     @property
     def precision(self) -> str:
@@ -229,9 +522,15 @@ class Sampler:
         return self.backend.tv_bound(self.noise, dim, self.input_grid)
 
     def _batch_buffer(self, batch_size: int, shape) -> torch.Tensor:
+        # A compiled model is called on windows of exactly _call_rows rows (one static shape): the
+        # buffer is rounded up to a multiple of it, and zeroed, so that a short last window reads
+        # finite padding rows (their logits are dropped).
+        rows = batch_size
+        if self._compiled is not None:
+            rows = -(-batch_size // self._call_size) * self._call_size
         buf = self._buffer
-        if buf is None or buf.shape[0] < batch_size or tuple(buf.shape[1:]) != tuple(shape):
-            buf = torch.empty((batch_size, *shape), dtype=self.dtype, device=self.device)
+        if buf is None or buf.shape[0] < rows or tuple(buf.shape[1:]) != tuple(shape):
+            buf = torch.zeros((rows, *shape), dtype=self.dtype, device=self.device)
             if self.channels_last and buf.dim() == 4:
                 buf = buf.to(memory_format=torch.channels_last)
             self._buffer = buf
@@ -241,24 +540,44 @@ class Sampler:
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         amp = self.dtype != torch.float32
         # cache_enabled=False: autocast's weight-cast cache cannot live across CUDA-graph replays.
-        net = self._net_micro_batches if self.micro_batch and batch.shape[0] > self.micro_batch else self._net
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=amp, cache_enabled=False):
-            if self.compile and tuple(batch.shape) not in self._compiled_shapes:
-                start = time.perf_counter()
-                logits = net(batch)
-                if batch.is_cuda:
-                    torch.cuda.synchronize(batch.device)
-                self.compile_seconds += time.perf_counter() - start
-                self._compiled_shapes.add(tuple(batch.shape))
-            else:
-                logits = net(batch)
+            logits = None
+            if self._compiled is not None:
+                try:
+                    logits = self._compiled_forward(batch)
+                except Exception as exc:
+                    logits = self._eager_forward(batch)  # the model's own error, if it is the model's fault
+                    self._drop_compiled(exc)
+            if logits is None:
+                logits = self._eager_forward(batch)
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"the model returned logits of shape {tuple(logits.shape)}; expected "
                              f"(batch, {self.num_classes}) for num_classes={self.num_classes}")
         return logits
 
-    def _net_micro_batches(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self._net(part) for part in batch.split(self.micro_batch)])
+    def _eager_forward(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.micro_batch and batch.shape[0] > self.micro_batch:
+            return torch.cat([self.model(part) for part in batch.split(self.micro_batch)])
+        return self.model(batch)
+
+    def _compiled_forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """The compiled model on windows of exactly the compiled call size: over the padded batch
+        buffer when ``batch`` is its head, else over a zero-padded copy."""
+        rows, m = batch.shape[0], self._call_size
+        if rows == m:
+            return self._compiled(batch)
+        padded = -(-rows // m) * m
+        buf = self._buffer
+        if (buf is not None and batch.data_ptr() == buf.data_ptr() and buf.shape[0] >= padded
+                and batch.stride() == buf.stride()):
+            src = buf[:padded]
+        else:
+            src = torch.zeros((padded, *batch.shape[1:]), dtype=batch.dtype, device=batch.device)
+            if batch.dim() == 4 and self.channels_last:
+                src = src.to(memory_format=torch.channels_last)
+            src[:rows].copy_(batch)
+        logits = torch.cat([self._compiled(src[i:i + m]) for i in range(0, padded, m)])
+        return logits[:rows]
 
     def _graphed_forward(self, batch: torch.Tensor) -> torch.Tensor:
         """The forward of a full batch through a CUDA graph captured on first use."""
@@ -308,21 +627,28 @@ class Sampler:
             self._slots[seg.row:seg.row + seg.count].fill_(seg.slot)
         return self._slots[:rows]
 
-    def run(self, jobs: Sequence[Job], batch_size: int = 1000, soft: bool = False) -> torch.Tensor:
+    def run(self, jobs: Sequence[Job], batch_size=1000, soft: bool = False) -> torch.Tensor:
         """Per-job totals on the CPU: int64 vote counts (M, K), or float64 softmax sums with soft=True."""
         return self.submit(jobs, batch_size, soft).result()
 
     @torch.inference_mode()
-    def submit(self, jobs: Sequence[Job], batch_size: int = 1000, soft: bool = False) -> "PendingTotals":
+    def submit(self, jobs: Sequence[Job], batch_size=1000, soft: bool = False) -> "PendingTotals":
         """Queue the work of ``run`` and return at once where the device runs asynchronously (CUDA):
         the totals come back through ``result()``. No step of it waits for the device: the images go
-        up from pinned memory, the counts stay on the device and come down by one asynchronous copy."""
-        if int(batch_size) != batch_size or batch_size < 1:
+        up from pinned memory, the counts stay on the device and come down by one asynchronous copy.
+        batch_size="auto": ``batch_size_for`` the images' shape."""
+        if jobs and isinstance(batch_size, str) and batch_size == "auto":
+            batch_size = self.batch_size_for(tuple(jobs[0].x.shape))
+        with self.threads_for_call():
+            return self._submit(jobs, batch_size, soft)
+
+    def _submit(self, jobs: Sequence[Job], batch_size, soft: bool) -> "PendingTotals":
+        if isinstance(batch_size, str) or int(batch_size) != batch_size or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not jobs:
             return PendingTotals(torch.zeros((0, self.num_classes), dtype=torch.float64 if soft else torch.int64))
         shape = tuple(jobs[0].x.shape)
-        self.prepare(shape)
+        self._prepare(shape, int(batch_size), sum(max(0, job.count) for job in jobs))
         for job in jobs:
             if tuple(job.x.shape) != shape:
                 raise ValueError(f"all images of one call must share a shape; got {shape} and {tuple(job.x.shape)}")
