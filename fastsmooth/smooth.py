@@ -15,10 +15,11 @@ selection uses copies [0, n0), its estimation [n0, n0 + n); PREDICT and probabil
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional, Tuple
+from typing import Iterable, Iterator, Optional, Sized, Tuple
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from .checks import check_alpha, check_image, check_norm, check_positive_int
 from .noises import Noise
 from .sampler import Job, Sampler
 from .seeding import AUTO_INDEX_BASE, fresh_image_index
+from .tuning import CPU_BATCH
 from .stats import clopper_pearson_lower, predict_from_counts
 
 
@@ -89,16 +91,23 @@ class Smooth:
     normalization included, to ``num_classes`` logits).
 
     backend: "auto" (Triton kernels on CUDA, torch elsewhere), "torch" or "triton".
-    precision: "auto" (bf16 on CUDA, and on CPUs with AMX / AVX512-BF16 for models of >= 5 M
-    multiply-adds per copy; else fp32), "fp32", "bf16", "fp16"; noise is always drawn and added in
-    float32, only x + eps is cast (DESIGN §5).
-    compile: run the model through torch.compile (its one-time cost: ``sampler.compile_seconds``).
+    precision: "auto" (bf16 on CUDA; on CPUs with AMX / AVX512-BF16 bf16 if a short timed
+    calibration finds it faster for this model, cached per model shape and machine; else fp32),
+    "fp32", "bf16", "fp16"; noise is always drawn and added in float32, only x + eps is cast (DESIGN §5).
+    channels_last: "auto" (CUDA and half precisions; on a CPU, for fp32 convolutional models, timed).
+    compile: "auto" (compile when the announced work amortizes it: ``expect(copies)``, or the work of
+    the call; cost in ``sampler.compile_seconds``), "on"/True, "off"/False. A model that fails to
+    compile runs eagerly, with one line on standard error.
     micro_batch: copies per model call; "auto" runs big models on a CPU in micro-batches that keep
     the largest activation near 8 MB (faster there than whole batches), else whole batches (0).
     input_grid: None, or G for inputs on the grid k / G (8-bit images: 255; x may then be uint8 k):
     every noisy input is formed from integers, fl32((k + round(G delta)) / G), which makes the
     certificate sound in floating point (Voracek & Hein, ICLR 2023; fastsmooth/grid.py). None forms
     x + delta in float32, the common practice of public smoothing code, which is not.
+    threads: intra-op threads per call on a CPU; "auto" leaves the cores other processes keep busy
+    alone (never more than torch.get_num_threads()).
+    batch_size (of the methods): copies per engine batch; "auto" is 1000 on a CPU and fills a GPU.
+    Every "auto" choice is in ``metadata``; pass them back explicitly to reproduce a run exactly.
     """
 
     ABSTAIN = -1
@@ -106,11 +115,11 @@ class Smooth:
 
     def __init__(self, model: nn.Module, num_classes: int, noise: Noise, *, backend: str = "auto",
                  precision: str = "auto", seed: int = 0, device=None, channels_last="auto",
-                 cuda_graph="auto", compile: bool = False, micro_batch="auto", input_grid=None):
+                 cuda_graph="auto", compile="auto", micro_batch="auto", input_grid=None, threads="auto"):
         self.sampler = Sampler(model, num_classes, noise, backend=backend, precision=precision,
                                seed=seed, device=device, channels_last=channels_last,
                                cuda_graph=cuda_graph, compile=compile, micro_batch=micro_batch,
-                               input_grid=input_grid)
+                               input_grid=input_grid, threads=threads)
         self.noise = noise
         self.num_classes = self.sampler.num_classes
         # certify_many / predict_many queue the next group of images before reading this group's
@@ -143,17 +152,25 @@ class Smooth:
                                  "enumerate(images)") from None
             yield self._index(index), self._image(x)
 
+    def expect(self, copies: int) -> None:
+        """Announce the noisy copies to come in all (images x (n0 + n)): compile="auto" weighs the
+        compile time against that work (certify_many of a list announces its own)."""
+        self.sampler.expect(copies)
+
     @property
     def metadata(self) -> dict:
-        """What defines the base classifier and the sampling: to be stored beside the results."""
+        """What defines the base classifier and the sampling: to be stored beside the results.
+        ``compile_seconds`` and ``tuning`` (why each "auto" choice came out as it did) are
+        information, not settings: they may differ between runs of the same settings."""
         s = self.sampler
         return {"noise": self.noise.spec(), "backend": s.backend.name, "precision": s.precision,
                 "channels_last": s.channels_last, "cuda_graph": s.cuda_graph, "compile": s.compile,
-                "micro_batch": s.micro_batch, "seed": s.seed, "input_grid": s.input_grid, "device": str(s.device)}
+                "micro_batch": s.micro_batch, "seed": s.seed, "input_grid": s.input_grid, "device": str(s.device),
+                "compile_seconds": round(s.compile_seconds, 3), "tuning": dict(s.tuning)}
 
     # -- CERTIFY ---------------------------------------------------------------------------
     def certify(self, x: torch.Tensor, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
-                batch_size: int = 1000, norm: Optional[str] = None,
+                batch_size="auto", norm: Optional[str] = None,
                 image_index: Optional[int] = None) -> Certificate:
         """Certify one image x (CHW, in the model's input space).
 
@@ -165,7 +182,7 @@ class Smooth:
                                       alpha=alpha, batch_size=batch_size, norm=norm))
 
     def certify_many(self, items: Iterable[Tuple[int, torch.Tensor]], n0: int = 100, n: int = 100_000,
-                     alpha: float = 0.001, batch_size: int = 1000, norm: Optional[str] = None,
+                     alpha: float = 0.001, batch_size="auto", norm: Optional[str] = None,
                      images_per_group: Optional[int] = None) -> Iterator[Certificate]:
         """Certify a stream of (image_index, x); yields one Certificate per image, in order.
 
@@ -177,15 +194,15 @@ class Smooth:
         ``images_per_group`` overrides the group size.
         """
         n0, n = check_positive_int("n0", n0), check_positive_int("n", n)
-        batch_size = check_positive_int("batch_size", batch_size)
         alpha = check_alpha(alpha)
         norm = check_norm(norm or self.noise.default_norm)
+        items, batch_size = self._batch(items, batch_size, n0 + n)
         group_size = images_per_group or max(1, min(16, batch_size // (n0 + n)))
 
         def jobs(group):  # selection copies [0, n0) and estimation copies [n0, n0 + n) of each image
             return [job for i, x in group for job in (Job(x, i, 0, n0), Job(x, i, n0, n))]
 
-        for group, totals, seconds in self._run_groups(self._checked(items), group_size, jobs, batch_size):
+        for group, totals, seconds in self._run_groups(items, group_size, jobs, batch_size):
             for (index, x), c0, c in zip(group, totals[0::2], totals[1::2]):
                 c_a = int(c0.argmax())  # the selection's guess: ties to the lowest class
                 p_lower = self._lower_bound(int(c[c_a]), n, alpha, x)
@@ -194,6 +211,20 @@ class Smooth:
                 else:
                     prediction, radius = c_a, self.noise.radius(p_lower, norm, x.numel())
                 yield Certificate(prediction, radius, norm, p_lower, n, n0, alpha, c, c0, index, seconds)
+
+    def _batch(self, items, batch_size, copies_per_image: int):
+        """(checked items, batch size): "auto" resolved by the engine for the first image's shape
+        (peeked, then put back). A list of images also announces its work (expect) for
+        compile="auto"."""
+        if isinstance(items, Sized):
+            self.sampler.expect(len(items) * copies_per_image)
+        items = self._checked(items)
+        if not (isinstance(batch_size, str) and batch_size == "auto"):
+            return items, check_positive_int("batch_size", batch_size)
+        first = next(items, None)
+        if first is None:
+            return iter(()), CPU_BATCH
+        return itertools.chain([first], items), self.sampler.batch_size_for(tuple(first[1].shape))
 
     def _run_groups(self, items, group_size: int, jobs_of, batch_size: int):
         """Yield (group, its totals, seconds per image) for consecutive groups of images.
@@ -243,7 +274,7 @@ class Smooth:
         return max(0.0, clopper_pearson_lower(n_a, n, alpha) - tau)
 
     # -- PREDICT ---------------------------------------------------------------------------
-    def predict(self, x: torch.Tensor, n: int = 100_000, alpha: float = 0.001, batch_size: int = 1000,
+    def predict(self, x: torch.Tensor, n: int = 100_000, alpha: float = 0.001, batch_size="auto",
                 image_index: Optional[int] = None) -> int:
         """Cohen's PREDICT for one image: the class, or -1 (ABSTAIN). image_index as in certify.
 
@@ -255,23 +286,25 @@ class Smooth:
                                       batch_size=batch_size)).prediction
 
     def predict_many(self, items: Iterable[Tuple[int, torch.Tensor]], n: int = 100_000, alpha: float = 0.001,
-                     batch_size: int = 1000, images_per_group: Optional[int] = None) -> Iterator[Prediction]:
-        n, batch_size = check_positive_int("n", n), check_positive_int("batch_size", batch_size)
-        alpha = check_alpha(alpha)
+                     batch_size="auto", images_per_group: Optional[int] = None) -> Iterator[Prediction]:
+        n, alpha = check_positive_int("n", n), check_alpha(alpha)
+        items, batch_size = self._batch(items, batch_size, n)
         group_size = images_per_group or max(1, min(16, batch_size // n))
 
         def jobs(group):
             return [Job(x, i, 0, n) for i, x in group]
 
-        for group, counts, seconds in self._run_groups(self._checked(items), group_size, jobs, batch_size):
+        for group, counts, seconds in self._run_groups(items, group_size, jobs, batch_size):
             for (index, _), c in zip(group, counts):
                 yield Prediction(predict_from_counts(c.tolist(), alpha), n, alpha, c, index, seconds)
 
     # -- estimates -------------------------------------------------------------------------
-    def probabilities(self, x: torch.Tensor, n: int, batch_size: int = 1000, soft: bool = False,
+    def probabilities(self, x: torch.Tensor, n: int, batch_size="auto", soft: bool = False,
                       image_index: Optional[int] = None) -> torch.Tensor:
         """Monte-Carlo estimate over n copies: vote frequencies of the hard smoothed classifier g, or
         with soft=True the mean softmax of the soft smoothed classifier G. An estimate, no bound."""
-        n, batch_size = check_positive_int("n", n), check_positive_int("batch_size", batch_size)
+        n = check_positive_int("n", n)
+        if not (isinstance(batch_size, str) and batch_size == "auto"):
+            batch_size = check_positive_int("batch_size", batch_size)
         totals = self.sampler.run([Job(self._image(x), self._index(image_index), 0, n)], batch_size, soft=soft)[0]
         return totals.double() / n
