@@ -69,7 +69,8 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, certify: bool) -> None:
         p.add_argument("--n0", "--N0", dest="n0", type=int, default=100, help="selection copies (default 100)")
     p.add_argument("--samples", "--N", dest="n", type=int, default=100_000, help="copies per image (default 100000)")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
-    p.add_argument("--batch", type=int, default=1000, help="copies per forward batch (default 1000)")
+    p.add_argument("--batch", type=_batch, default="auto", help="copies per forward batch (default auto: 1000 "
+                   "on a CPU, on a GPU the batch that fills it, measured up to half its free memory)")
     p.add_argument("--skip", type=int, default=1, help="certify every skip-th image (default 1)")
     p.add_argument("--max", "--max-index", dest="max", type=int, default=-1,
                    help="stop at this image index (default -1: all); under torchrun write --max-index "
@@ -88,8 +89,10 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, certify: bool) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu; "
                    "under torchrun cuda:LOCAL_RANK)")
-    p.add_argument("--compile", action="store_true", help="run the model through torch.compile "
-                   "(one-time cost reported; recorded with the results)")
+    p.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the model: auto (default) when the run's work (images x copies) "
+                   "amortizes the expected compile time, on (also a bare --compile), off; the choice and "
+                   "its cost are recorded with the results; a model that fails to compile runs eagerly")
     p.add_argument("--micro-batch", type=_micro_batch, default="auto", help="copies per model call "
                    "(default auto: on a CPU, big models in cache-sized micro-batches; 0: the whole batch)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
@@ -101,6 +104,15 @@ def _input_grid(text: str):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected auto, none or a positive integer, got {text!r}")
     return int(text)
+
+
+def _batch(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {text!r}") from None
 
 
 def _micro_batch(text: str):
@@ -148,7 +160,9 @@ def _resolve(args: argparse.Namespace) -> None:
             raise CliError("give the output file once: OUTFILE or --out")
         args.dataset, args.model, args.sigma = args.dataset_pos, args.model_pos, args.sigma_pos
         args.out = args.out_pos if args.out_pos is not None else args.out
-    for name in ("n", "batch", "skip") + (("n0",) if hasattr(args, "n0") else ()):
+    for name in ("n", "skip", "batch") + (("n0",) if hasattr(args, "n0") else ()):
+        if name == "batch" and args.batch == "auto":
+            continue
         if getattr(args, name) <= 0:
             flag = {"n": "--samples", "n0": "--n0"}.get(name, f"--{name}")
             raise CliError(f"{flag} must be > 0, got {getattr(args, name)}")
@@ -234,8 +248,33 @@ def _probe(model: nn.Module, x: torch.Tensor, num_classes: int, dataset_name: st
                        f"{num_classes} classes")
 
 
-def _setup(args, device: torch.device, show_progress: bool = True):
-    """(smooth, dataset, metadata) for certify/predict."""
+# The engine's "auto" choices that define the base classifier: recorded with the results, and taken
+# from there by a resumed run and by every torchrun process but rank 0, so that their rows equal a
+# single uninterrupted run's (the choices are timed, and timings differ from run to run).
+ENGINE_CHOICES = ("precision", "channels_last", "micro_batch", "compile", "batch")
+
+
+def _recorded_choices(out) -> dict:
+    """The engine choices in OUT's metadata side file ({} when there is none)."""
+    import json
+
+    from .results import META_SUFFIX
+
+    try:
+        with open(out + META_SUFFIX, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError, TypeError):
+        return {}
+    return {k: meta[k] for k in ENGINE_CHOICES if isinstance(meta, dict) and k in meta}
+
+
+def _setup(args, device: torch.device, show_progress: bool = True, recorded=None, share: int = 1,
+           on_choices=None):
+    """(smooth, dataset, metadata) for certify/predict. ``recorded``: engine choices to reuse where
+    the command line says "auto" (a resumed run's; or a function returning them, called once the
+    model and data have loaded: rank 0's); ``share``: the processes sharing the images (the work this
+    one announces to the engine is its share); ``on_choices(choices)``: called once the engine has
+    made its choices, before it compiles (torchrun's rank 0 publishes them)."""
     from . import data, embedded, models
     from .noises import make_noise
     from .smooth import Smooth
@@ -290,12 +329,31 @@ def _setup(args, device: torch.device, show_progress: bool = True):
         except ValueError as exc:
             raise CliError(f"--input-grid {input_grid}: the data set's first image is off the grid "
                            f"({first_line(exc)})") from None
+    rec = (recorded() if callable(recorded) else recorded) or {}
+
+    def choice(value, key):
+        return rec[key] if value == "auto" and key in rec else value
+
     try:
-        smooth = Smooth(_Guarded(model), num_classes, noise, backend=args.backend, precision=args.precision,
-                        seed=args.seed, device=device, compile=args.compile, micro_batch=args.micro_batch,
-                        input_grid=input_grid)
+        smooth = Smooth(_Guarded(model), num_classes, noise, backend=args.backend,
+                        precision=choice(args.precision, "precision"), seed=args.seed, device=device,
+                        channels_last=rec.get("channels_last", "auto"), compile=choice(args.compile, "compile"),
+                        micro_batch=choice(args.micro_batch, "micro_batch"), input_grid=input_grid)
+        args.batch = choice(args.batch, "batch")
         if first is not None:
-            smooth.sampler.prepare(first.shape)  # resolve the "auto" choices before the metadata
+            # Resolve the "auto" choices (and compile, if that pays for this run's work) before the
+            # metadata is written: it must name the classifier the rows come from.
+            if args.batch == "auto":
+                args.batch = smooth.sampler.batch_size_for(first.shape)
+            per_image = args.n + (args.n0 if args.command == "certify" else 0)
+            smooth.expect(len(_indices(args, len(dataset), set())) * per_image // max(1, share))
+            smooth.sampler.decide(first.shape, args.batch)
+        elif args.batch == "auto":
+            args.batch = 1000
+        if on_choices is not None:
+            on_choices({**{k: smooth.metadata[k] for k in ENGINE_CHOICES if k != "batch"}, "batch": args.batch})
+        if first is not None:
+            smooth.sampler.prepare(first.shape, args.batch)
     except RuntimeError as exc:  # e.g. the Triton backend without a GPU
         raise CliError(first_line(exc)) from None
     model_name = "embedded"
@@ -379,7 +437,8 @@ def run_sampling(args, ctx=None) -> int:
 
     device = _device(args, None)
     _preflight_out(args)
-    smooth, dataset, meta = _setup(args, device)
+    recorded = _recorded_choices(args.out) if args.resume and args.out is not None else None
+    smooth, dataset, meta = _setup(args, device, recorded=recorded)
     columns = _columns(args)
     meta["started"] = datetime.datetime.now().isoformat(timespec="seconds")
     resumed = args.resume and bool(existing_outputs(args.out))
@@ -432,7 +491,16 @@ def _run_distributed(args, ctx) -> int:
             ctx.publish("preflight", True)
         else:
             ctx.wait_for("preflight")
-        smooth, dataset, meta = _setup(args, device, show_progress=ctx.is_main)
+        # Rank 0 resolves the engine's "auto" choices (from the recorded run when resuming) and the
+        # others take them: every process then runs the same base classifier.
+        if ctx.is_main:
+            recorded = _recorded_choices(args.out) if args.resume else None
+            smooth, dataset, meta = _setup(args, device, show_progress=True, recorded=recorded,
+                                           share=ctx.world_size,
+                                           on_choices=lambda choices: ctx.publish("engine", choices))
+        else:
+            smooth, dataset, meta = _setup(args, device, show_progress=False,
+                                           recorded=lambda: ctx.wait_for("engine"), share=ctx.world_size)
         meta["device"] = device.type  # cuda:LOCAL_RANK differs by process; a resume may use others
         columns = _columns(args)
         if ctx.is_main:
