@@ -43,6 +43,7 @@ METHODS = ("reference", "bare", "fastsmooth")
 LABELS = {"reference": "reference loop (Cohen et al.)", "bare": "bare model forward",
           "fastsmooth": "fastsmooth certify"}
 EMBEDDED = "embedded"
+COHEN_BATCH = 1000              # certify.py's --batch default
 TARGET_OVERHEAD = 1.10          # fastsmooth / bare at most this (issue 4)
 # reference / fastsmooth at least this: issue 4 for GPUs; issue 15 for CPUs, by kind (with the
 # compiled default): 8x where the CPU has bf16 units (AMX / AVX512-BF16), 1.8x on an AVX2-only CPU.
@@ -70,7 +71,7 @@ class Workload:
     n0: int = 100
     n: int = 2_000
     images: int = 1
-    batch: int = 1000
+    batch: object = 1000  # or "auto": the engine's batch_size_for (1000 on a CPU; fills a GPU)
     sigma: float = 0.25
     precision: str = "auto"
     backend: str = "auto"
@@ -196,12 +197,15 @@ class Runners:
         self.smooth.expect(w.whole_run_copies)
         # Resolve the "auto" choices (and compile, if that pays for the whole run) before the buffer
         # is made and the configuration read: the compile time is kept apart from every round.
-        s.prepare(tuple(w.shape), w.batch)
+        # The engine's batch ("auto": what certify would take); Cohen's loop keeps Cohen's default.
+        self.batch = s.batch_size_for(tuple(w.shape)) if w.batch == "auto" else int(w.batch)
+        self.reference_batch = COHEN_BATCH if w.batch == "auto" else int(w.batch)
+        s.prepare(tuple(w.shape), self.batch)
         self.engine = dict(self.smooth.metadata)
         # The bare forward runs through the engine's own forward path on the engine's own batch
         # buffer (so a CUDA graph captured over that buffer serves both), filled once with noisy
         # copies so that the model sees realistic values; later certify calls refill it likewise.
-        rows = min(w.batch, max(w.copies, 1))
+        rows = min(self.batch, max(w.copies, 1))
         buf = s._batch_buffer(rows, tuple(w.shape))
         with torch.inference_mode():
             s.backend.fill(buf, s._upload([self.images[0]]), [(0, 0, 0, rows, 0)], self.noise, w.seed, s.input_grid)
@@ -223,8 +227,8 @@ class Runners:
         # default): side by side, the methods get the same cores.
         with self.smooth.sampler.threads_for_call():
             for x in self.images:  # Cohen's certify: n0 selection copies, then n estimation copies
-                out.append(cohen_sample_noise(self.reference_model, x, w.sigma, w.n0, w.batch, w.num_classes))
-                out.append(cohen_sample_noise(self.reference_model, x, w.sigma, w.n, w.batch, w.num_classes))
+                out.append(cohen_sample_noise(self.reference_model, x, w.sigma, w.n0, self.reference_batch, w.num_classes))
+                out.append(cohen_sample_noise(self.reference_model, x, w.sigma, w.n, self.reference_batch, w.num_classes))
         return out
 
     def bare(self):
@@ -241,7 +245,7 @@ class Runners:
     def fastsmooth(self):
         w = self.workload
         certs = list(self.smooth.certify_many(((i, x) for i, x in enumerate(self.images)), n0=w.n0, n=w.n,
-                                              alpha=w.alpha, batch_size=w.batch))
+                                              alpha=w.alpha, batch_size=self.batch))
         _sync(self.device)
         return certs
 
@@ -254,12 +258,12 @@ class Runners:
         """The configuration a method runs in, for the table."""
         e = self.engine
         if name == "reference":
-            return f"fp32, {_memory_format(self.reference_model)}, batch {self.workload.batch}"
+            return f"fp32, {_memory_format(self.reference_model)}, batch {self.reference_batch}"
         layout = "channels_last" if e.get("channels_last") else "NCHW"
         graph = ", CUDA graph" if self.smooth.sampler.cuda_graph else ""
         micro = f" in {e['micro_batch']}s" if e.get("micro_batch") else ""
         compiled = ", compiled" if self.smooth.sampler.compile else ""
-        base = f"{e.get('precision')}, {layout}, batch {self.workload.batch}{micro}{compiled}{graph}"
+        base = f"{e.get('precision')}, {layout}, batch {self.batch}{micro}{compiled}{graph}"
         return base if name == "bare" else f"{base}, {e.get('backend')} backend"
 
 
@@ -361,7 +365,8 @@ class Measurement:
         best, median, paired = self.ratios("best"), self.ratios("median"), self.ratios("paired")
         rec = {
             "model": w.name, "input_shape": list(w.shape), "num_classes": w.num_classes,
-            "copies": w.copies, "images": w.images, "n0": w.n0, "n": w.n, "batch": w.batch, "sigma": w.sigma,
+            "copies": w.copies, "images": w.images, "n0": w.n0, "n": w.n, "batch": r.batch,
+            "reference_batch": r.reference_batch, "sigma": w.sigma,
             "engine": r.engine,
             "configs": {m: r.describe(m) for m in METHODS},
             "copies_per_s": {m: self.copies_per_s(m) for m in METHODS},
@@ -541,7 +546,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="estimation copies n per image (default 100000 on CUDA, 2000 on CPU)")
     parser.add_argument("--n0", type=int, default=100, help="selection copies per image (default 100)")
     parser.add_argument("--images", type=int, default=1, help="images certified per measurement (default 1)")
-    parser.add_argument("--batch", type=int, default=1000, help="copies per forward batch (default 1000)")
+    parser.add_argument("--batch", type=_batch, default="auto", help="the engine's copies per forward batch "
+                        "(default auto, as certify: 1000 on a CPU, on a GPU the batch that fills it; the "
+                        "reference loop then keeps Cohen's 1000)")
     parser.add_argument("--sigma", type=float, default=0.25, help="Gaussian noise level (default 0.25)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton"])
@@ -571,6 +578,15 @@ def _input_grid(text: str):
     return int(text)
 
 
+def _batch(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {text!r}") from None
+
+
 def _whole_run(text: str) -> Tuple[int, int]:
     images, sep, n = text.lower().partition("x")
     if not sep or not images.isdigit() or not n.isdigit() or int(images) < 1 or int(n) < 1:
@@ -581,6 +597,8 @@ def _whole_run(text: str) -> Tuple[int, int]:
 def run(args: argparse.Namespace) -> int:
     for name in ("copies", "n0", "images", "batch", "rounds"):
         value = getattr(args, name)
+        if value == "auto":
+            continue
         if value is not None and value <= 0:
             raise ValueError(f"--{name} must be > 0, got {value}")
     if args.sigma <= 0:
