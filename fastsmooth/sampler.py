@@ -13,6 +13,7 @@ images share a batch. With ``input_grid`` = G the model sees fl32((k + nu) / G) 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import os
@@ -270,7 +271,7 @@ class Sampler:
 
     def _calibrate(self, shape, probe, candidates) -> dict:
         """Seconds per copy of the eager forward of each candidate (label -> s), from the cache for
-        this model shape and machine, else timed (tuning.seconds_per_copy) and cached."""
+        this model shape and machine, else timed (tuning.best_seconds, interleaved) and cached."""
         micro = {c: resolve_micro_batch(self._micro_batch_request, self.device, c[0], probe) for c in candidates}
         labels = {c: self._label(*c, micro[c]) for c in candidates}
         cache = tuning.TuningCache()
@@ -280,13 +281,26 @@ class Sampler:
             self.tuning["calibration"] = {"source": "cache", "seconds_per_copy": cached}
             return {c: cached[labels[c]] for c in candidates}
         rows = {c: micro[c] or 256 for c in candidates}  # one model call each
+        layouts = {c[1] for c in candidates}
+        models = {layout: self.model for layout in layouts}
+        if len(layouts) == 2:
+            # A copy in channels_last, so that no timed call converts the weights; where the model
+            # cannot be copied, each call converts them in place (a small share of a forward).
+            try:
+                models[True] = copy.deepcopy(self.model)
+            except Exception:
+                models = None
         runs = {}
         for c in candidates:
             x = tuning.probe_batch(rows[c], shape, self.device, *c)
+            if models is not None:
+                models[c[1]].to(memory_format=torch.channels_last if c[1] else torch.contiguous_format)
 
             def run(c=c, x=x):
-                self.model.to(memory_format=torch.channels_last if c[1] else torch.contiguous_format)
-                return tuning.eager_forward(self.model, x, c[0], micro[c])
+                if models is None:
+                    self.model.to(memory_format=torch.channels_last if c[1] else torch.contiguous_format)
+                    return tuning.eager_forward(self.model, x, c[0], micro[c])
+                return tuning.eager_forward(models[c[1]], x, c[0], micro[c])
 
             runs[labels[c]] = run
         per_call = tuning.best_seconds(runs, self.device)
