@@ -469,8 +469,9 @@ def run_sampling(args, ctx=None) -> int:
         if writer is not None:
             writer.close()
     if smooth.sampler.compile:
-        print(f"fastsmooth: torch.compile cost {smooth.sampler.compile_seconds:.1f} s (first forward of "
-              "each batch shape)", file=sys.stderr)
+        why = "" if args.compile == "on" else "; --compile off skips it"
+        print(f"fastsmooth: torch.compile cost {smooth.sampler.compile_seconds:.1f} s (once, before the first "
+              f"image{why})", file=sys.stderr)
     if resumed:
         sort_rows(args.out, columns)  # rows resumed before earlier gaps were appended at the end
     return 0

@@ -199,6 +199,7 @@ class Sampler:
         self._compiled: Optional[tuning.CompiledModel] = None
         self._compiled_rows: set = set()  # the call sizes compiled (one static shape each)
         self._call_size = 0  # rows of every call of the compiled model (the last size compiled)
+        self._fallbacks = 0  # compiled models dropped for failing (each time: eager from then on)
         self.compile_seconds = 0.0  # compiling's wall time (first call of each shape minus a call)
         self._expected_copies = 0   # the work announced by expect()
         self._eager_seconds: Optional[float] = None  # the chosen configuration's, once measured
@@ -499,6 +500,7 @@ class Sampler:
         """Compilation failed: one line on standard error (no traceback), eager from now on."""
         tuning.report_compile_failure(exc)
         self._compiled, self._compiled_rows, self.compile = None, set(), False
+        self._fallbacks += 1
         self._graphs.clear()
         info = self.tuning.setdefault("compile", {})
         info.update(decision="off", failed=tuning.compile_failure_line(exc))
@@ -663,6 +665,7 @@ class Sampler:
             return PendingTotals(torch.zeros((0, self.num_classes), dtype=torch.float64 if soft else torch.int64))
         shape = tuple(jobs[0].x.shape)
         self._prepare(shape, int(batch_size), sum(max(0, job.count) for job in jobs))
+        fallbacks = self._fallbacks
         for job in jobs:
             if tuple(job.x.shape) != shape:
                 raise ValueError(f"all images of one call must share a shape; got {shape} and {tuple(job.x.shape)}")
@@ -686,6 +689,10 @@ class Sampler:
                 totals.index_add_(0, slots, torch.nan_to_num(probs))
             else:
                 self.backend.vote(logits, slots, totals, nonfinite)
+        if self._fallbacks != fallbacks:
+            # The compiled model failed within this call (a recompile): its votes came from two
+            # classifiers. Counted again, all by the eager model, they come from one.
+            return self._submit(jobs, batch_size, soft)
         if self.device.type != "cuda":
             return PendingTotals(totals.cpu(), nonfinite.cpu())
         host = [self._download(t) for t in (totals, nonfinite)]

@@ -212,6 +212,32 @@ def test_a_failing_compiled_forward_falls_back_to_eager_with_one_line(tuned, mon
     assert smooth.metadata["compile"] is False and "failed" in smooth.metadata["tuning"]["compile"]
 
 
+def test_a_compiled_model_failing_within_a_call_recounts_the_call_eagerly(tuned, monkeypatch, capfd):
+    """A failure after some batches of a call already voted (a recompile that fails): the call is
+    counted again, all by the eager model, so that no image's votes mix two classifiers."""
+
+    class FailsLater(FakeCompiled):
+        def __call__(self, x):
+            FakeCompiled.calls += 1
+            if FakeCompiled.calls > 7:  # past the compile and timing calls, within certify's batches
+                raise RuntimeError("recompile failed")
+            return self.model(x) + 1e3 * (x.flatten(1)[:, :1] > 0.5)  # not the eager classifier
+
+    monkeypatch.setattr(tuning, "CompiledModel", FailsLater)
+    monkeypatch.setattr(Sampler, "_check_compiled", staticmethod(lambda compiled, eager: None))
+    FakeCompiled.calls = 0
+    noise = fastsmooth.Gaussian(sigma=0.5)
+    x = torch.rand(SHAPE)
+    smooth = fastsmooth.Smooth(cnn(), 10, noise, precision="fp32", compile="on")
+    a = smooth.certify(x, n0=20, n=400, batch_size=64, image_index=5)
+    assert FakeCompiled.calls > 7 and smooth.metadata["compile"] is False
+    b = fastsmooth.Smooth(cnn(), 10, noise, precision="fp32", compile="off").certify(
+        x, n0=20, n=400, batch_size=64, image_index=5)
+    assert torch.equal(a.counts, b.counts) and torch.equal(a.counts0, b.counts0)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "recompile failed" in err[0]
+
+
 def test_a_model_that_fails_eagerly_fails_as_itself(tuned, monkeypatch, capfd):
     """A model whose own forward raises is not reported as a failed compile."""
     monkeypatch.setattr(tuning, "CompiledModel", FakeCompiled)
