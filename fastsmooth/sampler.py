@@ -219,6 +219,8 @@ class Sampler:
             raise ValueError(f"threads must be 'auto' or a positive integer, got {threads!r}")
         self.threads = threads
         self._load = CpuLoad() if self.device.type == "cpu" and threads == "auto" else None
+        self._thread_ceiling = torch.get_num_threads()  # outside the engine's calls (cache keys)
+        self._in_call = False
         if self.device.type != "cpu" or not tuning_enabled():
             self._resolve_by_rule()
 
@@ -276,7 +278,7 @@ class Sampler:
         micro = {c: resolve_micro_batch(self._micro_batch_request, self.device, c[0], probe) for c in candidates}
         labels = {c: self._label(*c, micro[c]) for c in candidates}
         cache = tuning.TuningCache()
-        key = tuning.fingerprint(self.model, shape, self.device, "eager:" + ",".join(sorted(labels.values())))
+        key = self._fingerprint(shape, "eager:" + ",".join(sorted(labels.values())))
         cached = cache.get(key).get("seconds_per_copy") or {}
         if all(isinstance(cached.get(label), (int, float)) for label in labels.values()):
             self.tuning["calibration"] = {"source": "cache", "seconds_per_copy": cached}
@@ -371,13 +373,16 @@ class Sampler:
         the free memory (tuning.measure_gpu_batch), measured once per model shape and GPU (cached)."""
         if self._auto_batch is not None:
             return self._auto_batch
-        shape = tuple(shape)
+        with self.threads_for_call():
+            return self._batch_size_for(tuple(shape))
+
+    def _batch_size_for(self, shape) -> int:
         self._resolve_layout(shape)
         if self.device.type != "cuda" or not tuning_enabled():
             self._auto_batch = tuning.CPU_BATCH
             return self._auto_batch
         cache = tuning.TuningCache()
-        key = tuning.fingerprint(self.model, shape, self.device, f"batch:{self.precision}:{self.channels_last}")
+        key = self._fingerprint(shape, f"batch:{self.precision}:{self.channels_last}")
         cached = cache.get(key).get("batch")
         if isinstance(cached, int) and cached > 0:
             self._auto_batch = cached
@@ -398,11 +403,16 @@ class Sampler:
         """Rows of every call of the compiled model: the micro-batch, else the whole batch."""
         return self.micro_batch or int(batch_size or tuning.CPU_BATCH)
 
-    def _eager_seconds_per_copy(self, shape, batch_size, copies: int, estimate) -> float:
-        """The eager forward's seconds per copy in the chosen configuration: from the calibration,
-        else timed at the call size. First one untimed call of a few copies: it bounds the per-copy
-        time from above (small batches and first calls are slower), so if even it saves too little
-        no timing can change the answer, and small work pays no more than that call."""
+    def _eager_seconds_per_copy(self, shape, batch_size, copies: int, estimate, entry: dict) -> float:
+        """The eager forward's seconds per copy in the chosen configuration: the one measured beside
+        the compiled forward by an earlier compile of this model (``entry``: at the call size,
+        interleaved), else the calibration's, else timed at the call size. Timing starts with one
+        call of a few copies: it bounds the per-copy time from above (small batches and first calls
+        are slower), so if even it saves too little no timing can change the answer, and small
+        work pays no more than that call."""
+        cached = tuning.median_of(entry.get("eager_seconds_per_copy"))
+        if cached is not None:
+            return cached
         if self._eager_seconds is not None:
             return self._eager_seconds
         rows = self._call_rows(batch_size) if self.device.type == "cpu" else min(self._call_rows(batch_size), 1024)
@@ -417,9 +427,13 @@ class Sampler:
             self._eager_seconds = tuning.best_seconds(run, self.device, rounds=2)["eager"] / rows
         return self._eager_seconds
 
+    def _fingerprint(self, shape, what: str) -> str:
+        """tuning.fingerprint with the thread ceiling of the engine's calls (not the load's count)."""
+        return tuning.fingerprint(self.model, shape, self.device, what, threads=self._thread_ceiling)
+
     def _compile_key(self, shape, batch_size) -> str:
         what = f"compile:{self.precision}:{self.channels_last}:{self._call_rows(batch_size)}"
-        return tuning.fingerprint(self.model, shape, self.device, what)
+        return self._fingerprint(shape, what)
 
     def _decide_compile(self, shape, copies: int, batch_size) -> None:
         """compile="auto": compile when the eager forward time the compiled one is expected to save
@@ -429,9 +443,9 @@ class Sampler:
             self.tuning["compile"] = {"decision": "off", "why": f"{TUNING_ENV}=off: no timings to decide by"}
             return
         modules = sum(1 for _ in self.model.modules())
-        estimate = tuning.estimate_compile(tuning.TuningCache().get(self._compile_key(shape, batch_size)),
-                                           self.device, modules)
-        eager = self._eager_seconds_per_copy(shape, batch_size, copies, estimate)
+        entry = tuning.TuningCache().get(self._compile_key(shape, batch_size))
+        estimate = tuning.estimate_compile(entry, self.device, modules)
+        eager = self._eager_seconds_per_copy(shape, batch_size, copies, estimate, entry)
         self.compile = tuning.should_compile(eager, copies, estimate)
         self.tuning["compile"] = {
             "decision": "on" if self.compile else "off", "copies": copies,
@@ -481,7 +495,9 @@ class Sampler:
         cache = tuning.TuningCache()
         entry = cache.get(key)
         cache.update(key, compile_seconds=(list(entry.get("compile_seconds") or []) + [seconds])[-5:],
-                     speedups=(list(entry.get("speedups") or []) + [speedup])[-5:])
+                     speedups=(list(entry.get("speedups") or []) + [speedup])[-5:],
+                     eager_seconds_per_copy=(list(entry.get("eager_seconds_per_copy") or [])
+                                             + [timed["eager"] / rows])[-5:])
 
     @staticmethod
     def _check_compiled(compiled: torch.Tensor, eager: torch.Tensor) -> None:
@@ -513,6 +529,8 @@ class Sampler:
             yield
             return
         before = torch.get_num_threads()
+        if not self._in_call:
+            self._thread_ceiling = before
         if self.threads == "auto":
             n = before if self._load is None else choose_threads(usable_cores(), self._load.others_busy(), before)
         else:
@@ -520,9 +538,11 @@ class Sampler:
         self.tuning["threads"] = n
         if n != before:
             torch.set_num_threads(n)
+        outer, self._in_call = self._in_call, True
         try:
             yield
         finally:
+            self._in_call = outer
             if n != before:
                 torch.set_num_threads(before)
 

@@ -64,25 +64,28 @@ def parse_compile(value) -> str:
 
 # -- what a measurement is of ---------------------------------------------------------------------
 
-def device_name(device: torch.device) -> str:
-    """The hardware behind ``device``: the CPU model and its intra-op threads, or the GPU's name."""
+def device_name(device: torch.device, threads: "int | None" = None) -> str:
+    """The hardware behind ``device``: the CPU model and the intra-op threads available (``threads``,
+    default torch.get_num_threads(); the engine passes the ceiling it chooses under, not the count
+    of the moment, so that a key does not change with the load), or the GPU's name."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{torch.cuda.get_device_name(index)}"
     from .cpu import cpu_model
 
-    return f"cpu:{cpu_model()}:threads={torch.get_num_threads()}"
+    return f"cpu:{cpu_model()}:threads={threads if threads is not None else torch.get_num_threads()}"
 
 
-def fingerprint(model: nn.Module, shape: Sequence[int], device: torch.device, what: str) -> str:
+def fingerprint(model: nn.Module, shape: Sequence[int], device: torch.device, what: str,
+                threads: "int | None" = None) -> str:
     """A key for the measurements of ``what`` on this model shape (its module types and tensor
-    shapes, not its weights), input shape, device and torch version."""
+    shapes, not its weights), input shape, device (device_name) and torch version."""
     h = hashlib.sha256()
     for name, module in model.named_modules():
         h.update(f"{name}:{type(module).__qualname__};".encode())
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-    h.update(f"{tuple(shape)}|{device_name(device)}|torch {torch.__version__}|{what}".encode())
+    h.update(f"{tuple(shape)}|{device_name(device, threads)}|torch {torch.__version__}|{what}".encode())
     return h.hexdigest()[:32]
 
 
@@ -168,19 +171,25 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
 
 
 @torch.inference_mode()
-def best_seconds(runs: Dict[str, Callable[[], object]], device: torch.device, rounds: int = 3) -> Dict[str, float]:
-    """The best of ``rounds`` timed calls of each run (after one warm-up each), interleaved so that
-    a disturbance of the machine hits every candidate alike; seconds per call."""
-    for fn in runs.values():
-        fn()
+def best_seconds(runs: Dict[str, Callable[[], object]], device: torch.device, rounds: int = 3,
+                 min_sample: float = 0.05) -> Dict[str, float]:
+    """Seconds per call of each run: the best of ``rounds`` samples, interleaved so that a
+    disturbance of the machine hits every candidate alike, after one warm-up call each. A sample is
+    as many calls as make ``min_sample`` seconds (by the warm-up): a short call alone would measure
+    the scheduler (on a busy CPU one stalled thread costs a quantum, ~10 ms) more than the model."""
+    repeats = {}
+    for name, fn in runs.items():
+        first = time_once(fn, device)
+        repeats[name] = max(1, min(100, math.ceil(min_sample / max(first, 1e-6))))
     best = {name: math.inf for name in runs}
     for r in range(rounds):
         for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
             _sync(device)
             start = time.perf_counter()
-            runs[name]()
+            for _ in range(repeats[name]):
+                runs[name]()
             _sync(device)
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], (time.perf_counter() - start) / repeats[name])
     return best
 
 
@@ -196,16 +205,22 @@ class CompileEstimate:
     source: str  # "measured" or "default"
 
 
+def median_of(values) -> "float | None":
+    """The median of the positive numbers in a cached list (None if there are none)."""
+    import statistics
+
+    numbers = [float(v) for v in values or [] if isinstance(v, (int, float)) and v > 0]
+    return statistics.median(numbers) if numbers else None
+
+
 def estimate_compile(entry: dict, device: torch.device, modules: int) -> CompileEstimate:
     """From the cache's last (up to 5) measurements of this model shape on this device: the least
     compile time (the kernels stay in the compile cache, so the next compile is a warm one) and the
     median speed-up (each measured against eager at the same moment); else the defaults."""
     measured = [float(v) for v in entry.get("compile_seconds") or [] if isinstance(v, (int, float))]
-    speedups = [float(v) for v in entry.get("speedups") or [] if isinstance(v, (int, float)) and v > 0]
-    if measured and speedups:
-        import statistics
-
-        return CompileEstimate(min(measured), statistics.median(speedups), "measured")
+    speedup = median_of(entry.get("speedups"))
+    if measured and speedup is not None:
+        return CompileEstimate(min(measured), speedup, "measured")
     base, per_module = DEFAULT_COMPILE_SECONDS.get(device.type, DEFAULT_COMPILE_SECONDS["cuda"])
     return CompileEstimate(base + per_module * modules, DEFAULT_SPEEDUP.get(device.type, 1.3), "default")
 
