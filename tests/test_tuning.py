@@ -101,6 +101,16 @@ def test_choose_threads_worked_values():
     assert cpu.choose_threads(cores=16, others_busy=3.5, ceiling=16) == 12
 
 
+def test_the_first_load_look_reads_the_load_average(monkeypatch):
+    """A fraction of a second can miss other processes' bursts: the first look also takes the
+    1-minute load average less what this process can have added (its CPU seconds / 60)."""
+    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    monkeypatch.setattr(cpu.time, "process_time", lambda: 6.0)  # this process: at most 0.1 of it
+    assert cpu.others_by_load_average() == pytest.approx(2.9)
+    assert cpu.CpuLoad(first_window=0.01).others_busy() >= 2.9 - 1e-9
+    assert cpu.choose_threads(cores=2, others_busy=2.9, ceiling=2) == 1
+
+
 def test_gpu_batch_rules_worked_values():
     # 1 MB per copy, 10 GB free, half of it usable: up to 5,000 copies -> 1000, 2000, 4000
     assert tuning.gpu_batch_candidates(1000, 1e6, 10**10) == [1000, 2000, 4000]
