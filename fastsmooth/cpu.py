@@ -111,13 +111,12 @@ def _busy_seconds() -> Optional[float]:
 
 class CpuLoad:
     """How many cores other processes kept busy between two looks (/proc/stat minus this process's
-    own CPU time). The first look has no earlier one: it waits ``first_window`` seconds, and takes
-    the larger of that and the 1-minute load average less what this process can have added to it
-    (other processes' work comes in bursts that a fraction of a second can miss, and one thread too
-    many costs far more than one too few: 150x for a small CNN here, 1.3-2x the other way)."""
+    own CPU time). The first look has no earlier one to compare with: it takes the 1-minute load
+    average less what this process can have added to it (a short window would miss other
+    processes' bursts, and one thread too many costs far more than one too few: 150x for a small
+    CNN here, 1.3-2x the other way)."""
 
-    def __init__(self, first_window: float = 0.25):
-        self.first_window = first_window
+    def __init__(self):
         self._last = None  # (wall, all processes' busy seconds, this process's CPU seconds)
 
     def _sample(self):
@@ -126,22 +125,16 @@ class CpuLoad:
 
     def others_busy(self) -> float:
         """Cores used by other processes since the last call (0.0 where /proc/stat is missing)."""
-        first = self._last is None
-        if first:
+        if self._last is None:
             self._last = self._sample()
-            if self._last is None:
-                return 0.0
-            time.sleep(self.first_window)
+            return others_by_load_average()
         now = self._sample()
-        if now is None or self._last is None:
+        if now is None:
             return 0.0
         wall = now[0] - self._last[0]
         others = (now[1] - self._last[1]) - (now[2] - self._last[2])
         self._last = now
-        busy = max(0.0, others / wall) if wall > 0 else 0.0
-        if first:
-            busy = max(busy, others_by_load_average())
-        return busy
+        return max(0.0, others / wall) if wall > 0 else 0.0
 
 
 def others_by_load_average() -> float:
