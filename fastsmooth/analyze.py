@@ -23,6 +23,13 @@ Reads result files of fastsmooth and of Cohen et al.'s / Salman et al.'s certify
 * ACR, the average certified radius: the mean over all m images of the radius when correct, 0
   otherwise (= the integral over r of the certified-accuracy curve).
 * the abstention rate: the fraction of images with predict = -1.
+* the copies: the noisy copies the file's certificates drew (model forwards), the ``n`` column
+  summed plus ``n0`` per row when the metadata records it (selection included); PREDICT files: n
+  per row. Sequential files (``--radii``, ``--sequential``) record the votes each image used.
+* files certified at target radii (``fastsmooth certify --radii``, metadata ``mode: radii``): the
+  radius column holds the largest target certified, so their certified accuracy is exact at the
+  targets and a lower bound between them (their ACR that of the staircase); the default radii
+  include their targets, and a note on standard error says so.
 * with ``--envelope``, the outer envelope across files: at each r the best certified accuracy of any
   file (as in Cohen et al.'s figures over sigma). Choosing the best file per radius after the fact is
   a summary across classifiers, not the certified accuracy of any single one; its ACR is the integral
@@ -113,6 +120,31 @@ def abstention_rate(results: Results) -> float:
     return sum(row.abstained for row in results.rows) / len(results.rows) if results.rows else math.nan
 
 
+def copies_used(results: Results) -> Optional[int]:
+    """Noisy copies behind the file's rows (None when the file does not record them)."""
+    meta = results.metadata
+    if not results.rows:
+        return None
+    if results.has_radius and "n" in results.columns:
+        try:
+            estimation = sum(int(row.extra["n"]) for row in results.rows)
+        except (KeyError, ValueError):
+            return None
+        n0 = meta.get("n0")
+        return estimation + (int(n0) * len(results.rows) if isinstance(n0, int) else 0)
+    if not results.has_radius and isinstance(meta.get("n"), int):
+        return int(meta["n"]) * len(results.rows)
+    return None
+
+
+def target_radii(results: Results) -> Optional[List[float]]:
+    """The targets of a file certified with --radii (its metadata), else None."""
+    radii = results.metadata.get("radii") if results.metadata.get("mode") == "radii" else None
+    if not isinstance(radii, list) or not all(isinstance(r, (int, float)) for r in radii):
+        return None
+    return [float(r) for r in radii]
+
+
 def envelope(curves: Sequence[np.ndarray]) -> np.ndarray:
     """The outer envelope: the best value of any curve at each radius (NaNs ignored)."""
     stacked = np.vstack([np.asarray(c, dtype=np.float64) for c in curves])
@@ -148,28 +180,31 @@ class FileSummary:
     high_prob: np.ndarray
     acr: float
     abstain: float
+    copies: Optional[int] = None
 
 
 def summarize(results: Results, label: str, radii: Sequence[float], alpha: float, rho: float,
               method: str = "binomial") -> FileSummary:
     return FileSummary(label, results, alpha, certified_accuracy(results, radii),
                        high_prob_accuracy(results, radii, alpha, rho, method),
-                       average_certified_radius(results), abstention_rate(results))
+                       average_certified_radius(results), abstention_rate(results), copies_used(results))
 
 
 def auto_radii(all_results: Sequence[Results], max_radius: Optional[float] = None) -> List[float]:
     """0, step, 2 step, ... up to the largest radius certified (or ``max_radius``), with a step of
-    0.25 or the first rounder one that keeps the table within MAX_AUTO_COLUMNS radii."""
+    0.25 or the first rounder one that keeps the table within MAX_AUTO_COLUMNS radii; and the
+    targets of files certified at target radii."""
     if max_radius is None:
         radii = [row.radius for r in all_results if r.has_radius for row in r.rows if row.correct]
         max_radius = max(radii, default=0.0)
+    targets = {r for results in all_results for r in (target_radii(results) or [])}
     if max_radius <= 0:
-        return [0.0]
+        return sorted({0.0} | targets)
     step = next((s for s in _NICE_STEPS if max_radius / s < MAX_AUTO_COLUMNS), None)
     if step is None:
         step = max_radius / (MAX_AUTO_COLUMNS - 1)
     count = int(math.floor(max_radius / step + 1e-9))
-    return [round(k * step, 10) for k in range(count + 1)]
+    return sorted({round(k * step, 10) for k in range(count + 1)} | targets)
 
 
 # -- tables ----------------------------------------------------------------------------------------
@@ -184,15 +219,15 @@ def _radius_header(r: float) -> str:
 
 def table_rows(summaries: Sequence[FileSummary], radii: Sequence[float], high_prob: bool,
                envelope_row: bool, all_results: Sequence[Results]):
-    """(header, rows) with rows of (label, n, abstain, ACR, values per radius) as floats/None."""
-    header = ["file", "n", "abstain", "ACR"] + [_radius_header(r) for r in radii]
+    """(header, rows) with rows of (label, n, copies, abstain, ACR, values per radius) as floats/None."""
+    header = ["file", "n", "copies", "abstain", "ACR"] + [_radius_header(r) for r in radii]
     rows = []
     for s in summaries:
-        rows.append((s.label, len(s.results), s.abstain, s.acr, list(s.accuracy)))
+        rows.append((s.label, len(s.results), s.copies, s.abstain, s.acr, list(s.accuracy)))
         if high_prob:
-            rows.append((f"{s.label} (high-prob)", len(s.results), None, None, list(s.high_prob)))
+            rows.append((f"{s.label} (high-prob)", len(s.results), None, None, None, list(s.high_prob)))
     if envelope_row:
-        rows.append(("envelope", None, None, envelope_acr(all_results),
+        rows.append(("envelope", None, None, None, envelope_acr(all_results),
                      list(envelope([s.accuracy for s in summaries]))))
     return header, rows
 
@@ -205,7 +240,7 @@ def _best_per_column(rows, count: int) -> list:
         return [set() for _ in range(count)]
     best = []
     for j in range(count):
-        values = {i: rows[i][4][j] for i in plain if not math.isnan(rows[i][4][j])}
+        values = {i: rows[i][5][j] for i in plain if not math.isnan(rows[i][5][j])}
         top = max(values.values(), default=None)
         best.append({i for i, v in values.items() if v == top})
     return best
@@ -232,9 +267,12 @@ def render_table(summaries, radii, fmt: str, digits: int = 3, high_prob: bool = 
     header, rows = table_rows(summaries, radii, high_prob, envelope_row, all_results)
     best = _best_per_column(rows, len(radii))
 
-    def cells(i, row, digits):
-        label, n, abstain, acr, values = row
-        return [label, "" if n is None else str(n), _fmt(abstain, digits), _fmt(acr, digits)] + \
+    def cells(i, row, digits, grouped=True):
+        label, n, copies, abstain, acr, values = row
+        copies = "-" if copies is None else (f"{copies:,}" if grouped else str(copies))
+        if label == "envelope" or label.endswith("(high-prob)"):
+            copies = ""
+        return [label, "" if n is None else str(n), copies, _fmt(abstain, digits), _fmt(acr, digits)] + \
             [_fmt(v, digits) for v in values]
 
     if fmt == "csv":
@@ -242,7 +280,7 @@ def render_table(summaries, radii, fmt: str, digits: int = 3, high_prob: bool = 
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(header)
         for i, row in enumerate(rows):
-            writer.writerow(cells(i, row, max(digits, 6)))
+            writer.writerow(cells(i, row, max(digits, 6), grouped=False))
         return buf.getvalue()
     if fmt == "md":
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
@@ -250,11 +288,11 @@ def render_table(summaries, radii, fmt: str, digits: int = 3, high_prob: bool = 
             c = cells(i, row, digits)
             for j in range(len(radii)):
                 if i in best[j]:
-                    c[4 + j] = f"**{c[4 + j]}**"
+                    c[5 + j] = f"**{c[5 + j]}**"
             lines.append("| " + " | ".join(c) + " |")
         return "\n".join(lines) + "\n"
     if fmt == "latex":
-        head = ["file", "$n$", "abstain", "ACR"] + [f"$r = {r:g}$" for r in radii]
+        head = ["file", "$n$", "copies", "abstain", "ACR"] + [f"$r = {r:g}$" for r in radii]
         lines = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
                  " & ".join(head) + r" \\", r"\midrule"]
         for i, row in enumerate(rows):
@@ -262,7 +300,7 @@ def render_table(summaries, radii, fmt: str, digits: int = 3, high_prob: bool = 
             c[0] = _latex_escape(c[0])
             for j in range(len(radii)):
                 if i in best[j]:
-                    c[4 + j] = r"\textbf{" + c[4 + j] + "}"
+                    c[5 + j] = r"\textbf{" + c[5 + j] + "}"
             lines.append(" & ".join(c) + r" \\")
         lines += [r"\bottomrule", r"\end{tabular}"]
         return "\n".join(lines) + "\n"
@@ -411,6 +449,12 @@ def run(args) -> int:
         radii = args.radii if args.radii is not None else auto_radii(all_results, args.max_radius)
         summaries = [summarize(r, label, radii, _file_alpha(args, r), args.rho, args.high_prob_method)
                      for r, label in zip(all_results, labels)]
+        for r, label in zip(all_results, labels):
+            targets = target_radii(r)
+            if targets is not None:
+                print(f"fastsmooth analyze: {label} was certified at target radii {' '.join(f'{t:g}' for t in targets)} "
+                      "(its radius column is the largest target certified): between targets its certified "
+                      "accuracy and ACR are lower bounds", file=sys.stderr)
         if args.table != "none":
             text = render_table(summaries, radii, args.table, args.digits, args.high_prob, args.envelope,
                                 all_results)

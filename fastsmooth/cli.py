@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import math
 import os
 import sys
 import time
@@ -67,6 +68,15 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, certify: bool) -> None:
         p.add_argument("--norm", default=None, choices=["l1", "l2", "linf"],
                        help="radius norm (default: the noise's own, l2 Gaussian, l1 others)")
         p.add_argument("--n0", "--N0", dest="n0", type=int, default=100, help="selection copies (default 100)")
+        mode = p.add_mutually_exclusive_group()
+        mode.add_argument("--radii", nargs="+", type=float, default=None, metavar="R",
+                          help="sequential: certify the largest of these radii that --samples votes can, "
+                          "each image stopping as soon as that is known (the radius column is that target)")
+        mode.add_argument("--sequential", action="store_true",
+                          help="sequential: the full radius, each image stopping when going on to --samples "
+                          "votes would raise it by less than --tolerance")
+        p.add_argument("--tolerance", type=float, default=0.01,
+                       help="--sequential: relative radius gain below which an image stops (default 0.01)")
     p.add_argument("--samples", "--N", dest="n", type=int, default=100_000, help="copies per image (default 100000)")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
     p.add_argument("--batch", type=_batch, default="auto", help="copies per forward batch (default auto: 1000 "
@@ -173,6 +183,11 @@ def _resolve(args: argparse.Namespace) -> None:
     _check_positive_finite("--sigma" if not args.cohen else "SIGMA", args.sigma)
     _check_positive_finite("--scale", args.scale)
     _check_positive_finite("--k", args.k)
+    if getattr(args, "radii", None) is not None:
+        if any(not math.isfinite(r) or r < 0 for r in args.radii):
+            raise CliError(f"--radii must be finite and >= 0, got {' '.join(map(str, args.radii))}")
+    if hasattr(args, "tolerance"):
+        _check_positive_finite("--tolerance", args.tolerance)
     if args.resume and args.force:
         raise CliError("--resume and --force exclude each other")
     if args.resume and args.out is None:
@@ -277,7 +292,7 @@ def _setup(args, device: torch.device, show_progress: bool = True, recorded=None
     made its choices, before it compiles (torchrun's rank 0 publishes them)."""
     from . import data, embedded, models
     from .noises import make_noise
-    from .smooth import Smooth
+    from .smooth import Smooth, expected_copies
 
     if args.dataset is not None:  # the names data.get_dataset takes (case, aliases such as cifar-10)
         try:
@@ -345,7 +360,8 @@ def _setup(args, device: torch.device, show_progress: bool = True, recorded=None
             # metadata is written: it must name the classifier the rows come from.
             if args.batch == "auto":
                 args.batch = smooth.sampler.batch_size_for(first.shape)
-            per_image = args.n + (args.n0 if args.command == "certify" else 0)
+            per_image = args.n if args.command == "predict" else expected_copies(args.n0, args.n, args.radii,
+                                                                                args.sequential)
             smooth.expect(len(_indices(args, len(dataset), set())) * per_image // max(1, share))
             smooth.sampler.decide(first.shape, args.batch)
         elif args.batch == "auto":
@@ -364,8 +380,23 @@ def _setup(args, device: torch.device, show_progress: bool = True, recorded=None
             "alpha": args.alpha, "n": args.n, "batch": args.batch, "skip": args.skip, "max": args.max,
             "fastsmooth": _version(), "torch": torch.__version__}
     if args.command == "certify":
-        meta.update(n0=args.n0, norm=args.norm or noise.default_norm)
+        meta.update(n0=args.n0, norm=args.norm or noise.default_norm, **_mode_metadata(args))
     return smooth, dataset, meta
+
+
+def _mode_metadata(args) -> dict:
+    """How certify stops: fixed n (Cohen's CERTIFY), target radii or the anytime full radius; n is
+    then the cap, and the bound the confidence sequence of stats.anytime_lower."""
+    from .smooth import check_radii
+    from .stats import CS_PRIOR_STRENGTH
+
+    if args.radii is not None:
+        mode = {"mode": "radii", "radii": check_radii(args.radii)}
+    elif args.sequential:
+        mode = {"mode": "sequential", "tolerance": args.tolerance}
+    else:
+        return {"mode": "fixed"}
+    return {**mode, "bound": f"beta-binomial mixture confidence sequence, prior strength {CS_PRIOR_STRENGTH:g}"}
 
 
 def _version() -> str:
@@ -379,17 +410,17 @@ def _indices(args, size: int, done: set) -> list:
     return [i for i in range(0, stop, args.skip) if i not in done]
 
 
-def _progress(total: int, disable: bool, copies_per_image: int):
+def _progress(total: int, disable: bool):
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="img", file=sys.stderr, disable=disable, dynamic_ncols=True)
     start = time.perf_counter()
 
-    def step(done=None):
-        """One more image, or ``done`` images in all (every process's, under torchrun)."""
-        bar.update(1 if done is None else max(0, done - bar.n))
+    def step(images: int, copies: int):
+        """``images`` done and ``copies`` drawn in all (every process's, under torchrun)."""
+        bar.update(max(0, images - bar.n))
         elapsed = max(time.perf_counter() - start, 1e-9)
-        bar.set_postfix_str(f"{bar.n * copies_per_image / elapsed:,.0f} copies/s", refresh=False)
+        bar.set_postfix_str(f"{copies / elapsed:,.0f} copies/s", refresh=False)
 
     return bar, step
 
@@ -397,8 +428,9 @@ def _progress(total: int, disable: bool, copies_per_image: int):
 def _results(args, smooth, items):
     """Certificates (or predictions) for (index, x) items, in the order the items come."""
     if args.command == "certify":
-        return smooth.certify_many(items, n0=args.n0, n=args.n, alpha=args.alpha,
-                                   batch_size=args.batch, norm=args.norm)
+        return smooth.certify_many(items, n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch,
+                                   norm=args.norm, radii=args.radii, sequential=args.sequential,
+                                   tolerance=args.tolerance)
     return smooth.predict_many(items, n=args.n, alpha=args.alpha, batch_size=args.batch)
 
 
@@ -427,133 +459,196 @@ def _items(dataset, pending, labels, claim):
         yield index, x
 
 
+def _copies(r) -> int:
+    """The noisy copies (model forwards) behind a result: selection and estimation."""
+    return r.n0 + r.n if hasattr(r, "n0") else r.n
+
+
 def run_sampling(args, ctx=None) -> int:
-    """certify / predict: one process, or one of the processes of a torchrun job (ctx)."""
+    """certify / predict: one process, or one of the processes of a torchrun job (ctx). One loop for
+    both; what differs (the device, who plans, where rows go) is the process's part."""
     _resolve(args)
-    if ctx is not None:
-        return _run_distributed(args, ctx)
-    from .results import consolidate, existing_outputs, find_parts, sort_rows
-    from .results import ResultWriter
-
-    device = _device(args, None)
-    _preflight_out(args)
-    recorded = _recorded_choices(args.out) if args.resume and args.out is not None else None
-    smooth, dataset, meta = _setup(args, device, recorded=recorded)
-    columns = _columns(args)
-    meta["started"] = datetime.datetime.now().isoformat(timespec="seconds")
-    resumed = args.resume and bool(existing_outputs(args.out))
-    # Rows of an interrupted run (OUT and the parts of a run of many processes), folded into OUT.
-    done = consolidate(args.out, columns, meta) if resumed else set()
-    pending = _indices(args, len(dataset), done)
-    writer = None
-
-    def open_writer():
-        # Created at the first row (or at the end, header only): a run that fails before its
-        # first image leaves no file behind, and an existing one untouched.
-        if not resumed and args.out is not None:
-            for path in find_parts(args.out):  # --force: parts of an earlier run
-                os.remove(path)
-        return ResultWriter(args.out, columns, metadata=meta, resume=resumed, force=args.force)
-
-    counter = iter(range(len(pending) + 1))
-    labels: dict = {}
-    bar, step = _progress(len(pending), args.no_progress, (args.n0 + args.n) if args.command == "certify" else args.n)
-    try:
+    process = _Alone(args) if ctx is None else _Rank(args, ctx)
+    with process:
+        device = process.start()
+        smooth, dataset, meta = _setup(args, device, show_progress=process.is_main, **process.setup_options())
+        columns = _columns(args)
+        pending = process.plan(meta, columns, len(dataset))
+        labels: dict = {}
+        bar, step = _progress(len(pending), args.no_progress or not process.is_main)
         with bar:
-            for r in _results(args, smooth, _items(dataset, pending, labels, lambda: next(counter))):
-                writer = writer or open_writer()
-                writer.write(_row(args, r, labels.pop(r.image_index)))
-                step()
-        writer = writer or open_writer()
-    finally:
-        if writer is not None:
-            writer.close()
-    if smooth.sampler.compile:
+            for r in _results(args, smooth, _items(dataset, pending, labels, process.claim)):
+                step(*process.write(_row(args, r, labels.pop(r.image_index)), _copies(r)))
+        process.finish()
+    if smooth.sampler.compile and process.is_main:
         why = "" if args.compile == "on" else "; --compile off skips it"
         print(f"fastsmooth: torch.compile cost {smooth.sampler.compile_seconds:.1f} s (once, before the first "
               f"image{why})", file=sys.stderr)
-    if resumed:
-        sort_rows(args.out, columns)  # rows resumed before earlier gaps were appended at the end
     return 0
 
 
-def _run_distributed(args, ctx) -> int:
-    """One process of a torchrun job: see fastsmooth/distributed.py for the protocol."""
-    from .distributed import merge_parts
-    from .results import META_SUFFIX, ResultWriter, consolidate, existing_outputs, part_path, write_metadata
+class _Alone:
+    """A run in one process: OUT (or standard output) written directly; --resume folds in the rows
+    of an interrupted run (OUT and the parts of a run of many processes)."""
 
-    if args.out is None:
-        raise CliError(f"a run of {ctx.world_size} processes needs --out (each writes OUT.rankK.part)")
-    device = _device(args, ctx)
-    ctx.init(device)
-    try:
-        if ctx.is_main:
-            _preflight_out(args)
-            ctx.publish("preflight", True)
-        else:
-            ctx.wait_for("preflight")
-        # Rank 0 resolves the engine's "auto" choices (from the recorded run when resuming) and the
-        # others take them: every process then runs the same base classifier.
-        if ctx.is_main:
-            recorded = _recorded_choices(args.out) if args.resume else None
-            smooth, dataset, meta = _setup(args, device, show_progress=True, recorded=recorded,
-                                           share=ctx.world_size,
-                                           on_choices=lambda choices: ctx.publish("engine", choices))
-        else:
-            smooth, dataset, meta = _setup(args, device, show_progress=False,
-                                           recorded=lambda: ctx.wait_for("engine"), share=ctx.world_size)
-        meta["device"] = device.type  # cuda:LOCAL_RANK differs by process; a resume may use others
-        columns = _columns(args)
-        if ctx.is_main:
-            meta["started"] = datetime.datetime.now().isoformat(timespec="seconds")
-            if args.resume:
-                done = consolidate(args.out, columns, meta)
-            else:  # --force (or nothing there): start over
-                done = set()
-                for path in existing_outputs(args.out) + [args.out + META_SUFFIX]:
-                    if os.path.exists(path):
-                        os.remove(path)
-            pending = _indices(args, len(dataset), done)
-            ctx.publish("plan", {"pending": pending, "started": meta["started"]})
-        else:
-            plan = ctx.wait_for("plan")
-            pending, meta["started"] = plan["pending"], plan["started"]
-        labels: dict = {}
-        written, part = 0, None
-        copies = (args.n0 + args.n) if args.command == "certify" else args.n
-        bar, step = _progress(len(pending), args.no_progress or not ctx.is_main, copies)
+    is_main = True
+
+    def __init__(self, args):
+        self.args, self.writer, self.resumed = args, None, False
+        self.meta, self.columns = None, None
+        self.images = self.copies = 0
+        self._next = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.writer is not None:
+            self.writer.close()
+
+    def start(self) -> torch.device:
+        device = _device(self.args, None)
+        _preflight_out(self.args)
+        return device
+
+    def setup_options(self) -> dict:
+        """A resumed run takes the engine's "auto" choices recorded with OUT."""
+        args = self.args
+        return {"recorded": _recorded_choices(args.out) if args.resume and args.out is not None else None}
+
+    def plan(self, meta: dict, columns, size: int) -> list:
+        from .results import consolidate, existing_outputs
+
+        self.meta, self.columns = meta, columns
+        meta["started"] = datetime.datetime.now().isoformat(timespec="seconds")
+        self.resumed = self.args.resume and bool(existing_outputs(self.args.out))
+        done = consolidate(self.args.out, columns, meta) if self.resumed else set()
+        return _indices(self.args, size, done)
+
+    def claim(self) -> int:
+        self._next += 1
+        return self._next - 1
+
+    def _open(self):
+        # Created at the first row (or at the end, header only): a run that fails before its
+        # first image leaves no file behind, and an existing one untouched.
+        from .results import ResultWriter, find_parts
+
+        if not self.resumed and self.args.out is not None:
+            for path in find_parts(self.args.out):  # --force: parts of an earlier run
+                os.remove(path)
+        return ResultWriter(self.args.out, self.columns, metadata=self.meta, resume=self.resumed,
+                            force=self.args.force)
+
+    def write(self, row: dict, copies: int):
+        self.writer = self.writer or self._open()
+        self.writer.write(row)
+        self.images, self.copies = self.images + 1, self.copies + copies
+        return self.images, self.copies
+
+    def finish(self) -> None:
+        from .results import sort_rows
+
+        self.writer = self.writer or self._open()
+        self.writer.close()
+        self.writer = None
+        if self.resumed:
+            sort_rows(self.args.out, self.columns)  # rows resumed before earlier gaps were appended at the end
+
+
+class _Rank:
+    """One process of a torchrun job (see fastsmooth/distributed.py for the protocol): rank 0 plans
+    and merges; every process takes images from the shared list and writes its own part file."""
+
+    def __init__(self, args, ctx):
+        if args.out is None:
+            raise CliError(f"a run of {ctx.world_size} processes needs --out (each writes OUT.rankK.part)")
+        self.args, self.ctx, self.is_main = args, ctx, ctx.is_main
+        self.part, self.written, self.meta, self.columns, self.device = None, 0, None, None, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
         try:
-            with bar:
-                for r in _results(args, smooth, _items(dataset, pending, labels, ctx.claim)):
-                    if part is None:
-                        # At the first row (a run that fails before any leaves nothing behind),
-                        # with the settings beside it for a later --resume (the same in every process).
-                        if not os.path.exists(args.out + META_SUFFIX):
-                            write_metadata(args.out, meta)
-                        part = ResultWriter(part_path(args.out, ctx.rank), columns, force=True)
-                    part.write(_row(args, r, labels.pop(r.image_index)))
-                    written += 1
-                    total = ctx.count_row()
-                    if ctx.is_main:
-                        step(total)
+            if self.part is not None:
+                self.part.close()
+            if exc is not None and not isinstance(exc, PeerFailed):
+                self.ctx.fail(first_line(exc) if not isinstance(exc, KeyboardInterrupt) else "interrupted")
         finally:
-            if part is not None:
-                part.close()
-        ctx.finish(written)
+            self.ctx.close()
+
+    def start(self) -> torch.device:
+        self.device = device = _device(self.args, self.ctx)
+        self.ctx.init(device)
+        if self.is_main:
+            _preflight_out(self.args)
+            self.ctx.publish("preflight", True)
+        else:
+            self.ctx.wait_for("preflight")
+        return device
+
+    def setup_options(self) -> dict:
+        """Rank 0 resolves the engine's "auto" choices (from the recorded run when resuming) and the
+        others take them: every process then runs the same base classifier."""
+        ctx, args = self.ctx, self.args
         if ctx.is_main:
-            counts = ctx.wait_all_finished()
-            merge_parts(args.out, columns, counts)
-            write_metadata(args.out, meta)
+            return {"recorded": _recorded_choices(args.out) if args.resume else None, "share": ctx.world_size,
+                    "on_choices": lambda choices: ctx.publish("engine", choices)}
+        return {"recorded": lambda: ctx.wait_for("engine"), "share": ctx.world_size}
+
+    def plan(self, meta: dict, columns, size: int) -> list:
+        from .results import META_SUFFIX, consolidate, existing_outputs
+
+        self.meta, self.columns = meta, columns
+        meta["device"] = self.device.type  # cuda:LOCAL_RANK differs by process; a resume may use others
+        if not self.is_main:
+            plan = self.ctx.wait_for("plan")
+            meta["started"] = plan["started"]
+            return plan["pending"]
+        meta["started"] = datetime.datetime.now().isoformat(timespec="seconds")
+        if self.args.resume:
+            done = consolidate(self.args.out, columns, meta)
+        else:  # --force (or nothing there): start over
+            done = set()
+            for path in existing_outputs(self.args.out) + [self.args.out + META_SUFFIX]:
+                if os.path.exists(path):
+                    os.remove(path)
+        pending = _indices(self.args, size, done)
+        self.ctx.publish("plan", {"pending": pending, "started": meta["started"]})
+        return pending
+
+    def claim(self) -> int:
+        return self.ctx.claim()
+
+    def write(self, row: dict, copies: int):
+        from .results import META_SUFFIX, ResultWriter, part_path, write_metadata
+
+        if self.part is None:
+            # At the first row (a run that fails before any leaves nothing behind), with the
+            # settings beside it for a later --resume (the same in every process).
+            if not os.path.exists(self.args.out + META_SUFFIX):
+                write_metadata(self.args.out, self.meta)
+            self.part = ResultWriter(part_path(self.args.out, self.ctx.rank), self.columns, force=True)
+        self.part.write(row)
+        self.written += 1
+        return self.ctx.count_row(copies)
+
+    def finish(self) -> None:
+        from .distributed import merge_parts
+        from .results import write_metadata
+
+        if self.part is not None:
+            self.part.close()
+            self.part = None
+        self.ctx.finish(self.written)
+        if self.is_main:
+            counts = self.ctx.wait_all_finished()
+            merge_parts(self.args.out, self.columns, counts)
+            write_metadata(self.args.out, self.meta)
             shares = ", ".join(f"rank {r}: {c}" for r, c in sorted(counts.items()))
-            print(f"fastsmooth {args.command}: {sum(counts.values())} new rows from {ctx.world_size} "
-                  f"processes ({shares}) merged into {args.out}", file=sys.stderr)
-        return 0
-    except BaseException as exc:
-        if not isinstance(exc, PeerFailed):
-            ctx.fail(first_line(exc) if not isinstance(exc, KeyboardInterrupt) else "interrupted")
-        raise
-    finally:
-        ctx.close()
+            print(f"fastsmooth {self.args.command}: {sum(counts.values())} new rows from {self.ctx.world_size} "
+                  f"processes ({shares}) merged into {self.args.out}", file=sys.stderr)
 
 
 def main(argv=None) -> int:

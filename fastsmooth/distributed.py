@@ -132,9 +132,10 @@ class Context:
         """The next position in the pending list (atomic over all processes)."""
         return int(self.store.add("next", 1)) - 1
 
-    def count_row(self) -> int:
-        """Count one more row written by any process; returns the total so far."""
-        return int(self.store.add("rows", 1))
+    def count_row(self, copies: int = 0):
+        """Count one more row written by any process, and the copies behind it; returns (rows,
+        copies) of every process so far."""
+        return int(self.store.add("rows", 1)), int(self.store.add("copies", int(copies)))
 
     def finish(self, rows: int) -> None:
         self.store.set(f"rows/{self.rank}", str(rows))

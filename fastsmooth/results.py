@@ -80,6 +80,8 @@ _PART = re.compile(r"\.rank(\d+)\.part$")
 # Information beside the settings: when a run started, what compiling cost and why each "auto"
 # choice came out as it did (the choices themselves are settings and are checked).
 UNCHECKED_META = ("started", "finished", "compile_seconds", "tuning")
+# Certify settings recorded since the sequential modes, with the value older files imply.
+_IMPLIED_META = {"mode": "fixed"}
 
 
 def part_path(out: str, rank: int) -> str:
@@ -161,6 +163,8 @@ def check_metadata(out: str, metadata: dict) -> None:
         raise ValueError(f"cannot resume {out}: unreadable {path} ({exc})") from None
     if not isinstance(old, dict):
         raise ValueError(f"cannot resume {out}: {path} is not a JSON object")
+    if old.get("command") == "certify":  # written before the sequential modes: fixed n
+        old = {**_IMPLIED_META, **old}
     keys = [k for k in metadata if k not in UNCHECKED_META and k in old and old[k] != metadata[k]]
     if keys:
         raise ValueError(f"cannot resume {out}: it was written with different settings "

@@ -128,12 +128,13 @@ def test_envelope_and_predict_file(files, capsys):
 def test_markdown_and_latex_tables(files, capsys):
     assert analyze.main([str(files["a.tsv"]), str(files["b.tsv"]), "--radii", "0", "0.5"]) == 0
     md = capsys.readouterr().out.splitlines()
-    assert md[0] == "| file | n | abstain | ACR | r=0 | r=0.5 |"
-    assert md[2] == "| a.tsv | 6 | 0.167 | 0.325 | **0.667** | **0.333** |"  # the best file per radius in bold
-    assert md[3] == "| b.tsv | 4 | 0.250 | 0.575 | 0.500 | 0.250 |"
+    assert md[0] == "| file | n | copies | abstain | ACR | r=0 | r=0.5 |"
+    # the best file per radius in bold; Cohen's file does not record its copies, b.tsv's n column does
+    assert md[2] == "| a.tsv | 6 | - | 0.167 | 0.325 | **0.667** | **0.333** |"
+    assert md[3] == "| b.tsv | 4 | 4,000 | 0.250 | 0.575 | 0.500 | 0.250 |"
     assert analyze.main([str(files["a.tsv"]), "--radii", "0.5", "--table", "latex", "--labels", "sigma_0.25"]) == 0
     tex = capsys.readouterr().out
-    assert r"\begin{tabular}" in tex and r"sigma\_0.25 & 6 & 0.167 & 0.325 & 0.333 \\" in tex
+    assert r"\begin{tabular}" in tex and r"sigma\_0.25 & 6 & - & 0.167 & 0.325 & 0.333 \\" in tex
 
 
 def test_default_radii(files):
