@@ -24,7 +24,7 @@ import torch
 from fastsmooth import Gaussian, Smooth, data
 from fastsmooth.cli import main
 from fastsmooth.models import get_architecture
-from fastsmooth.results import UNCHECKED_META
+from fastsmooth.results import UNCHECKED_META, read_results
 from fastsmooth.train import save_checkpoint
 
 import _cli_models
@@ -75,10 +75,11 @@ def _leftovers(out: Path) -> list:
 # --------------------------------------------------------------------------------------------
 # Resume
 # --------------------------------------------------------------------------------------------
-def test_resume_after_kill_9(reference, tmp_path):
-    out = tmp_path / "out.tsv"
+def _kill_9_after_3_rows(args, out: Path, tmp_path: Path, images: int) -> list:
+    """Start `fastsmooth ARGS --out OUT` on a slowed model, kill -9 it once OUT has 3 rows; the lines
+    of OUT as the kill left them."""
     log = open(tmp_path / "stderr.txt", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "fastsmooth", *ARGS, "--out", str(out)], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "fastsmooth", *args, "--out", str(out)], cwd=tmp_path,
                             env=_env(FASTSMOOTH_TEST_SLEEP="0.02"), stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 90
     try:
@@ -94,7 +95,13 @@ def test_resume_after_kill_9(reference, tmp_path):
         log.close()
     assert proc.returncode == -signal.SIGKILL
     killed = _lines(out)
-    assert 4 <= len(killed) < IMAGES + 1
+    assert 4 <= len(killed) < images + 1
+    return killed
+
+
+def test_resume_after_kill_9(reference, tmp_path):
+    out = tmp_path / "out.tsv"
+    killed = _kill_9_after_3_rows(ARGS, out, tmp_path, IMAGES)
     with open(out, "ab") as f:  # the image in progress at the kill: a torn line, never a result
         f.write(b"59\t3\t7\t1.5")
     _run([*ARGS, "--out", out, "--resume"])
@@ -226,3 +233,62 @@ def test_torchrun_failure_stops_every_process(tmp_path):
     assert proc.returncode != 0
     assert "fastsmooth certify: error: the model returned NaN or inf logits" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pt"]
+
+
+# --------------------------------------------------------------------------------------------
+# Sequential certification (issue 13): the same rows under torchrun and after kill -9 / --resume
+# --------------------------------------------------------------------------------------------
+SEQUENTIAL_IMAGES = 40
+_SEQUENTIAL_BASE = ["certify", "--dataset", "digits", "--model", "_cli_models:cnn", "--samples", "4000", "--n0", "30",
+                    "--batch", "100", "--max-index", str(SEQUENTIAL_IMAGES), "--sigma", "0.25", "--seed", "7",
+                    "--no-progress"]
+SEQUENTIAL = {"radii": [*_SEQUENTIAL_BASE, "--radii", "0.1", "0.25", "0.5"],
+              "sequential": [*_SEQUENTIAL_BASE, "--sequential", "--tolerance", "0.02"]}
+
+
+@pytest.fixture(scope="module")
+def sequential_reference(tmp_path_factory):
+    """Uninterrupted single-process runs of both sequential modes."""
+    root = tmp_path_factory.mktemp("sequential")
+    for mode, args in SEQUENTIAL.items():
+        _run([*args, "--out", root / f"{mode}.tsv"])
+        rows = read_results(str(root / f"{mode}.tsv")).rows
+        assert [r.idx for r in rows] == list(range(SEQUENTIAL_IMAGES))
+        used = {int(r.extra["n"]) for r in rows}
+        assert len(used) > 3 and max(used) <= 4000  # images stopped at different votes, never past the cap
+    return root
+
+
+@pytest.mark.parametrize("mode", list(SEQUENTIAL))
+def test_sequential_metadata_and_mode_checked_on_resume(sequential_reference, mode, tmp_path):
+    meta = json.loads(Path(sequential_reference / f"{mode}.tsv.meta.json").read_text())
+    assert meta["mode"] == mode and meta["n"] == 4000 and "beta-binomial" in meta["bound"]
+    assert meta.get("radii") == ([0.1, 0.25, 0.5] if mode == "radii" else None)
+    out = tmp_path / "out.tsv"
+    shutil.copy(sequential_reference / f"{mode}.tsv", out)
+    shutil.copy(sequential_reference / f"{mode}.tsv.meta.json", f"{out}.meta.json")
+    from test_cli_errors import run_cli
+
+    other = SEQUENTIAL["sequential" if mode == "radii" else "radii"]
+    rc, _, stderr = run_cli([*other, "--out", out, "--resume"])
+    assert rc == 2 and f"different settings (mode='{mode}'" in stderr
+    rc, _, stderr = run_cli([*ARGS, "--samples", "4000", "--out", out, "--resume"])  # fixed n: refused too
+    assert rc == 2 and "different settings" in stderr
+
+
+@pytest.mark.parametrize("mode", list(SEQUENTIAL))
+def test_sequential_resume_after_kill_9(sequential_reference, mode, tmp_path):
+    out = tmp_path / "out.tsv"
+    killed = _kill_9_after_3_rows(SEQUENTIAL[mode], out, tmp_path, SEQUENTIAL_IMAGES)
+    _run([*SEQUENTIAL[mode], "--out", out, "--resume"])
+    assert _rows(out) == _rows(sequential_reference / f"{mode}.tsv")
+    assert _lines(out)[: len(killed)] == killed
+
+
+@pytest.mark.parametrize("mode", list(SEQUENTIAL))
+def test_sequential_torchrun_two_processes_equal_one(sequential_reference, mode, tmp_path):
+    out = tmp_path / "out.tsv"
+    total, rank0, rank1 = _torchrun(tmp_path, *SEQUENTIAL[mode], "--out", out)
+    assert total == SEQUENTIAL_IMAGES and rank0 > 0 and rank1 > 0
+    assert _rows(out) == _rows(sequential_reference / f"{mode}.tsv")
+    assert _leftovers(out) == []
