@@ -240,7 +240,7 @@ def _martingale_paths(p, m, alpha, streams, steps, looks, seed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("m,steps", [(CS_PRIOR_STRENGTH, 2000), (5.0, 1000)])
+@pytest.mark.parametrize("m,steps", [(CS_PRIOR_STRENGTH, 1000), (5.0, 1000)])
 def test_anytime_coverage_by_simulation(m, steps):
     """10^5 seeded streams at each of several p: the confidence sequence leaves p at some t <= steps
     in at most alpha of them (Ville's inequality; a one-sided binomial test at level 1e-3), and the
