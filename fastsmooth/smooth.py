@@ -93,6 +93,7 @@ class Prediction:
 # is anytime-valid at any stopping time, and the upper bound only steers the stopping.
 
 FIRST_ROUND = 500                      # estimation votes of the first round (drawn with the selection)
+STEERING_ALPHA = 0.1                   # level of the upper bound that steers TargetRadii (never in a bound)
 AIM_GROWTH = 2.0 ** (np.arange(1, 65) / 16)  # the t' tried for the next round: t * 2^(1/16) .. t * 16
 
 
@@ -141,7 +142,10 @@ class TargetRadii(_Rule):
     """The largest of ``radii`` certified within the cap; 0 (c_A without a radius) or ABSTAIN below.
 
     Stops when the answer is known: the lower bound has passed the threshold p_for_radius of the
-    largest target that the upper bound still allows (or 1/2, to predict at all); or the cap.
+    largest target still possible (or 1/2, to predict at all); or the cap. A target is possible
+    while the cap could certify it with the rest of the votes coming at the rate of the upper
+    confidence sequence at level STEERING_ALPHA = 0.1 (an optimistic rate: p_A exceeds it at some
+    time with probability <= 0.1). It steers the stopping only; the certificate is the lower bound.
     The radius reported is that target: the certificate answers the question asked (the anytime
     bound may support more, see ``p_lower``, but the stopping did not look further)."""
 
@@ -157,9 +161,12 @@ class TargetRadii(_Rule):
         return np.where(p > 0.5, np.searchsorted(self.thresholds, p, side="right"), -1)
 
     def verdicts(self, k, t, rate):
-        """Stop at (k[i], t[i])? The certified level has reached the highest one still possible."""
+        """Stop at (k[i], t[i])? The certified level has reached the highest one still possible:
+        the level the bound would reach at the cap with the votes so far and the rest coming at
+        the rate of the upper confidence sequence (at level STEERING_ALPHA)."""
         certified = self.level(self.p_lower(k, t))
-        possible = self.level(anytime_upper(k, t, self.alpha) - self.tau)  # p_lower can go no higher
+        upper = anytime_upper(k, t, STEERING_ALPHA)
+        possible = self.level(self.p_lower(k + np.floor(upper * (self.cap - t)).astype(np.int64), self.cap))
         return certified >= possible
 
     def answer(self, c_a: int, p_lower: float) -> Tuple[int, float]:
