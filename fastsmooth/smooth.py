@@ -83,157 +83,6 @@ class Prediction:
     seconds: float = 0.0
 
 
-# -- sequential stopping rules (DESIGN §4): they see counts only --------------------------------------
-#
-# A rule decides from (k, t), the votes for c_A among the t estimation votes so far: ``stops`` whether
-# the image's answer is known, ``answer`` what it is. Round sizes follow from the same rule: the
-# next round aims at the smallest t' at which the rule would stop if the votes kept their current
-# rate (t' between 1.04 t and 16 t; 2 t where none would do). Both depend on the image's own counts
-# only, so its row depends only on (seed, image index). No rule can void the guarantee: the bound
-# is anytime-valid at any stopping time, and the upper bound only steers the stopping.
-
-FIRST_ROUND = 500                      # estimation votes of the first round (drawn with the selection)
-STEERING_ALPHA = 0.1                   # level of the upper bound that steers TargetRadii (never in a bound)
-AIM_GROWTH = 2.0 ** (np.arange(1, 65) / 16)  # the t' tried for the next round: t * 2^(1/16) .. t * 16
-
-
-def _p_for_radius(noise: Noise, radius: float, norm: str, dim: int) -> float:
-    """Stand-in for noise.p_for_radius (issue 14): the smallest p_lower whose radius is >= ``radius``
-    (bisection on noise.radius, which is nondecreasing in p_lower); inf when none certifies it."""
-    if noise.radius(1.0, norm, dim) < radius:
-        return math.inf
-    lo, hi = 0.5, 1.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if noise.radius(mid, norm, dim) >= radius else (mid, hi)
-    return hi
-
-
-class _Rule:
-    """What both rules share: the anytime bounds at (k, t) and the aim of the next round."""
-
-    def __init__(self, alpha: float, cap: int, tau: float):
-        self.alpha, self.cap, self.tau = alpha, cap, tau
-        self.first_round = min(FIRST_ROUND, cap)
-
-    def p_lower(self, k, t):
-        """The certificate's bound: the confidence sequence minus the sampler's tau (DESIGN §5)."""
-        return np.maximum(anytime_lower(k, t, self.alpha) - self.tau, 0.0)
-
-    def next_round(self, k: int, t: int) -> int:
-        """Copies of the next round; 0 when the image stops (its answer known, or the cap reached)."""
-        if t >= self.cap:
-            return 0
-        ahead = np.unique(np.minimum(np.ceil(t * AIM_GROWTH), self.cap).astype(np.int64))
-        rate = k / t
-        verdicts = self.verdicts(np.r_[k, np.round(rate * ahead).astype(np.int64)], np.r_[t, ahead], rate)
-        if verdicts[0]:
-            return 0
-        would = verdicts[1:]  # at the times ahead, if the votes kept their rate
-        target = int(ahead[np.argmax(would)]) if would.any() else min(2 * t, self.cap)
-        return target - t
-
-    def stops(self, k: int, t: int) -> bool:
-        """Whether the image's answer is known after k votes for c_A among t."""
-        return t >= self.cap or bool(self.verdicts(np.array([k]), np.array([t]), k / t)[0])
-
-
-class TargetRadii(_Rule):
-    """The largest of ``radii`` certified within the cap; 0 (c_A without a radius) or ABSTAIN below.
-
-    Stops when the answer is known: the lower bound has passed the threshold p_for_radius of the
-    largest target still possible (or 1/2, to predict at all); or the cap. A target is possible
-    while the cap could certify it with the rest of the votes coming at the rate of the upper
-    confidence sequence at level STEERING_ALPHA = 0.1 (an optimistic rate: p_A exceeds it at some
-    time with probability <= 0.1). It steers the stopping only; the certificate is the lower bound.
-    The radius reported is that target: the certificate answers the question asked (the anytime
-    bound may support more, see ``p_lower``, but the stopping did not look further)."""
-
-    def __init__(self, radii: Sequence[float], noise: Noise, norm: str, dim: int, alpha: float, cap: int, tau: float):
-        super().__init__(alpha, cap, tau)
-        self.radii = [0.0] + [r for r in radii if r > 0]
-        self.noise, self.norm, self.dim = noise, norm, dim
-        self.thresholds = np.array(_thresholds(noise, tuple(self.radii[1:]), norm, dim))
-
-    def level(self, p):
-        """-1 (abstain) if p <= 1/2; else the number of thresholds p has passed (0 .. len(radii))."""
-        p = np.asarray(p, dtype=np.float64)
-        return np.where(p > 0.5, np.searchsorted(self.thresholds, p, side="right"), -1)
-
-    def verdicts(self, k, t, rate):
-        """Stop at (k[i], t[i])? The certified level has reached the highest one still possible:
-        the level the bound would reach at the cap with the votes so far and the rest coming at
-        the rate of the upper confidence sequence (at level STEERING_ALPHA)."""
-        certified = self.level(self.p_lower(k, t))
-        upper = anytime_upper(k, t, STEERING_ALPHA)
-        possible = self.level(self.p_lower(k + np.floor(upper * (self.cap - t)).astype(np.int64), self.cap))
-        return certified >= possible
-
-    def answer(self, c_a: int, p_lower: float) -> Tuple[int, float]:
-        level = int(self.level(p_lower))
-        while level > 0 and self.noise.radius(p_lower, self.norm, self.dim) < self.radii[level]:
-            level -= 1  # a threshold that rounding put a hair too low
-        return (Smooth.ABSTAIN, 0.0) if level < 0 else (c_a, self.radii[level])
-
-
-class AnytimeRadius(_Rule):
-    """The radius of the anytime bound, stopped when going on to the cap would raise it by less than
-    ``tolerance`` (relative) if the votes kept their current rate; ABSTAIN when p_lower <= 1/2."""
-
-    def __init__(self, tolerance: float, noise: Noise, norm: str, dim: int, alpha: float, cap: int, tau: float):
-        super().__init__(alpha, cap, tau)
-        self.tolerance, self.noise, self.norm, self.dim = tolerance, noise, norm, dim
-
-    def _radius(self, p) -> float:
-        return self.noise.radius(float(p), self.norm, self.dim)
-
-    def _goal(self, rate: float) -> float:
-        """The radius to reach: that of the cap at this vote rate, less the tolerance."""
-        return self._radius(self.p_lower(round(rate * self.cap), self.cap)) / (1.0 + self.tolerance)
-
-    def verdicts(self, k, t, rate):
-        """Stop at (k[0], t[0])? Its radius is within the tolerance of the cap's at ``rate``. For the
-        other entries (the times ahead at that rate) the same, by a bisection: at a fixed rate
-        p_lower grows with t (up to the rounding of the votes), and the radius with p_lower."""
-        lowers, goal = self.p_lower(k, t), self._goal(rate)
-        verdicts = np.zeros(len(t), dtype=bool)
-        verdicts[0] = self._radius(lowers[0]) >= goal
-        lo, hi = 1, len(t)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if self._radius(lowers[mid]) >= goal else (mid + 1, hi)
-        verdicts[lo:] = True
-        return verdicts
-
-    def answer(self, c_a: int, p_lower: float) -> Tuple[int, float]:
-        if p_lower <= 0.5:
-            return Smooth.ABSTAIN, 0.0
-        return c_a, self.noise.radius(p_lower, self.norm, self.dim)
-
-
-def expected_copies(n0: int, n: int, radii=None, sequential: bool = False) -> int:
-    """Copies an image is expected to draw, announced for compile="auto" only (never a limit):
-    n0 + n for CERTIFY and --sequential (most images there run close to the cap); for target radii a
-    tenth of the cap (0.07 on the embedded default: clear images stop near 1e4 votes)."""
-    return n0 + (n // 10 if radii is not None else n)
-
-
-def check_radii(radii) -> list:
-    """Target radii: finite numbers >= 0, as a sorted list without repeats (0 is always implied)."""
-    try:
-        values = sorted({float(r) for r in radii})
-    except (TypeError, ValueError):
-        raise ValueError(f"radii must be a list of numbers >= 0, got {radii!r}") from None
-    if not values or any(not math.isfinite(r) or r < 0 for r in values):
-        raise ValueError(f"radii must be a non-empty list of finite numbers >= 0, got {radii!r}")
-    return values
-
-
-@lru_cache(maxsize=256)
-def _thresholds(noise: Noise, radii: tuple, norm: str, dim: int) -> list:
-    return [_p_for_radius(noise, r, norm, dim) for r in radii]
-
-
 class Smooth:
     """A randomized-smoothing classifier around ``model`` (which maps inputs in its own input space,
     normalization included, to ``num_classes`` logits).
@@ -460,3 +309,154 @@ class Smooth:
             batch_size = check_positive_int("batch_size", batch_size)
         totals = self.sampler.run([Job(self._image(x), self._index(image_index), 0, n)], batch_size, soft=soft)[0]
         return totals.double() / n
+
+
+# -- sequential stopping rules (DESIGN §4): they see counts only --------------------------------------
+#
+# A rule decides from (k, t), the votes for c_A among the t estimation votes so far: ``stops`` whether
+# the image's answer is known, ``answer`` what it is. Round sizes follow from the same rule: the
+# next round aims at the smallest t' at which the rule would stop if the votes kept their current
+# rate (t' between 1.04 t and 16 t; 2 t where none would do). Both depend on the image's own counts
+# only, so its row depends only on (seed, image index). No rule can void the guarantee: the bound
+# is anytime-valid at any stopping time, and the upper bound only steers the stopping.
+
+FIRST_ROUND = 500                      # estimation votes of the first round (drawn with the selection)
+STEERING_ALPHA = 0.1                   # level of the upper bound that steers TargetRadii (never in a bound)
+AIM_GROWTH = 2.0 ** (np.arange(1, 65) / 16)  # the t' tried for the next round: t * 2^(1/16) .. t * 16
+
+
+def _p_for_radius(noise: Noise, radius: float, norm: str, dim: int) -> float:
+    """Stand-in for noise.p_for_radius (issue 14): the smallest p_lower whose radius is >= ``radius``
+    (bisection on noise.radius, which is nondecreasing in p_lower); inf when none certifies it."""
+    if noise.radius(1.0, norm, dim) < radius:
+        return math.inf
+    lo, hi = 0.5, 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if noise.radius(mid, norm, dim) >= radius else (mid, hi)
+    return hi
+
+
+class _Rule:
+    """What both rules share: the anytime bounds at (k, t) and the aim of the next round."""
+
+    def __init__(self, alpha: float, cap: int, tau: float):
+        self.alpha, self.cap, self.tau = alpha, cap, tau
+        self.first_round = min(FIRST_ROUND, cap)
+
+    def p_lower(self, k, t):
+        """The certificate's bound: the confidence sequence minus the sampler's tau (DESIGN §5)."""
+        return np.maximum(anytime_lower(k, t, self.alpha) - self.tau, 0.0)
+
+    def next_round(self, k: int, t: int) -> int:
+        """Copies of the next round; 0 when the image stops (its answer known, or the cap reached)."""
+        if t >= self.cap:
+            return 0
+        ahead = np.unique(np.minimum(np.ceil(t * AIM_GROWTH), self.cap).astype(np.int64))
+        rate = k / t
+        verdicts = self.verdicts(np.r_[k, np.round(rate * ahead).astype(np.int64)], np.r_[t, ahead], rate)
+        if verdicts[0]:
+            return 0
+        would = verdicts[1:]  # at the times ahead, if the votes kept their rate
+        target = int(ahead[np.argmax(would)]) if would.any() else min(2 * t, self.cap)
+        return target - t
+
+    def stops(self, k: int, t: int) -> bool:
+        """Whether the image's answer is known after k votes for c_A among t."""
+        return t >= self.cap or bool(self.verdicts(np.array([k]), np.array([t]), k / t)[0])
+
+
+class TargetRadii(_Rule):
+    """The largest of ``radii`` certified within the cap; 0 (c_A without a radius) or ABSTAIN below.
+
+    Stops when the answer is known: the lower bound has passed the threshold p_for_radius of the
+    largest target still possible (or 1/2, to predict at all); or the cap. A target is possible
+    while the cap could certify it with the rest of the votes coming at the rate of the upper
+    confidence sequence at level STEERING_ALPHA = 0.1 (an optimistic rate: p_A exceeds it at some
+    time with probability <= 0.1). It steers the stopping only; the certificate is the lower bound.
+    The radius reported is that target: the certificate answers the question asked (the anytime
+    bound may support more, see ``p_lower``, but the stopping did not look further)."""
+
+    def __init__(self, radii: Sequence[float], noise: Noise, norm: str, dim: int, alpha: float, cap: int, tau: float):
+        super().__init__(alpha, cap, tau)
+        self.radii = [0.0] + [r for r in radii if r > 0]
+        self.noise, self.norm, self.dim = noise, norm, dim
+        self.thresholds = np.array(_thresholds(noise, tuple(self.radii[1:]), norm, dim))
+
+    def level(self, p):
+        """-1 (abstain) if p <= 1/2; else the number of thresholds p has passed (0 .. len(radii))."""
+        p = np.asarray(p, dtype=np.float64)
+        return np.where(p > 0.5, np.searchsorted(self.thresholds, p, side="right"), -1)
+
+    def verdicts(self, k, t, rate):
+        """Stop at (k[i], t[i])? The certified level has reached the highest one still possible:
+        the level the bound would reach at the cap with the votes so far and the rest coming at
+        the rate of the upper confidence sequence (at level STEERING_ALPHA)."""
+        certified = self.level(self.p_lower(k, t))
+        upper = anytime_upper(k, t, STEERING_ALPHA)
+        possible = self.level(self.p_lower(k + np.floor(upper * (self.cap - t)).astype(np.int64), self.cap))
+        return certified >= possible
+
+    def answer(self, c_a: int, p_lower: float) -> Tuple[int, float]:
+        level = int(self.level(p_lower))
+        while level > 0 and self.noise.radius(p_lower, self.norm, self.dim) < self.radii[level]:
+            level -= 1  # a threshold that rounding put a hair too low
+        return (Smooth.ABSTAIN, 0.0) if level < 0 else (c_a, self.radii[level])
+
+
+class AnytimeRadius(_Rule):
+    """The radius of the anytime bound, stopped when going on to the cap would raise it by less than
+    ``tolerance`` (relative) if the votes kept their current rate; ABSTAIN when p_lower <= 1/2."""
+
+    def __init__(self, tolerance: float, noise: Noise, norm: str, dim: int, alpha: float, cap: int, tau: float):
+        super().__init__(alpha, cap, tau)
+        self.tolerance, self.noise, self.norm, self.dim = tolerance, noise, norm, dim
+
+    def _radius(self, p) -> float:
+        return self.noise.radius(float(p), self.norm, self.dim)
+
+    def _goal(self, rate: float) -> float:
+        """The radius to reach: that of the cap at this vote rate, less the tolerance."""
+        return self._radius(self.p_lower(round(rate * self.cap), self.cap)) / (1.0 + self.tolerance)
+
+    def verdicts(self, k, t, rate):
+        """Stop at (k[0], t[0])? Its radius is within the tolerance of the cap's at ``rate``. For the
+        other entries (the times ahead at that rate) the same, by a bisection: at a fixed rate
+        p_lower grows with t (up to the rounding of the votes), and the radius with p_lower."""
+        lowers, goal = self.p_lower(k, t), self._goal(rate)
+        verdicts = np.zeros(len(t), dtype=bool)
+        verdicts[0] = self._radius(lowers[0]) >= goal
+        lo, hi = 1, len(t)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if self._radius(lowers[mid]) >= goal else (mid + 1, hi)
+        verdicts[lo:] = True
+        return verdicts
+
+    def answer(self, c_a: int, p_lower: float) -> Tuple[int, float]:
+        if p_lower <= 0.5:
+            return Smooth.ABSTAIN, 0.0
+        return c_a, self.noise.radius(p_lower, self.norm, self.dim)
+
+
+def expected_copies(n0: int, n: int, radii=None, sequential: bool = False) -> int:
+    """Copies an image is expected to draw, announced for compile="auto" only (never a limit):
+    n0 + n for CERTIFY and --sequential (most images there run close to the cap); for target radii a
+    tenth of the cap (0.07 on the embedded default: clear images stop near 1e4 votes)."""
+    return n0 + (n // 10 if radii is not None else n)
+
+
+def check_radii(radii) -> list:
+    """Target radii: finite numbers >= 0, as a sorted list without repeats (0 is always implied)."""
+    try:
+        values = sorted({float(r) for r in radii})
+    except (TypeError, ValueError):
+        raise ValueError(f"radii must be a list of numbers >= 0, got {radii!r}") from None
+    if not values or any(not math.isfinite(r) or r < 0 for r in values):
+        raise ValueError(f"radii must be a non-empty list of finite numbers >= 0, got {radii!r}")
+    return values
+
+
+@lru_cache(maxsize=256)
+def _thresholds(noise: Noise, radii: tuple, norm: str, dim: int) -> list:
+    return [_p_for_radius(noise, r, norm, dim) for r in radii]

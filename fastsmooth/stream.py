@@ -29,7 +29,7 @@ import torch
 from .sampler import Job, Sampler
 
 SUBMISSION_BATCHES = 4      # batches per submission: one host sync each, and rows come out soon
-MAX_IMAGES = 1024           # images in flight at most (each holds its pixels and counts)
+MAX_IMAGES = 256            # images in flight at most (each holds its pixels and counts)
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,11 @@ Procedure = Generator[Tuple[Draw, ...], Tuple[torch.Tensor, ...], object]
 class _Image:
     """One image in flight: its procedure, the round it waits for, the time it has used."""
 
-    __slots__ = ("index", "x", "procedure", "draws", "counts", "missing", "seconds", "result", "done")
+    __slots__ = ("index", "x", "procedure", "counts", "missing", "seconds", "result", "done")
 
     def __init__(self, index: int, x: torch.Tensor, procedure: Procedure):
         self.index, self.x, self.procedure = index, x, procedure
-        self.draws: Tuple[Draw, ...] = ()
-        self.counts: list = []
+        self.counts: list = []  # per Draw of the current round, summed over its pieces
         self.missing = 0  # copies of the current round not yet counted
         self.seconds = 0.0
         self.result = None
@@ -70,7 +69,6 @@ class _Image:
         for d in draws:
             if not isinstance(d, Draw) or d.count < 0 or d.first_copy < 0:
                 raise ValueError(f"a procedure must yield Draws of non-negative ranges, got {d!r}")
-        self.draws = draws
         self.counts = [None] * len(draws)
         self.missing = sum(d.count for d in draws)
         return draws
