@@ -135,3 +135,19 @@ def test_compiled_forward_in_the_cuda_graph_votes_like_eager(monkeypatch, tmp_pa
     assert smooth.metadata["compile"] is True and smooth.metadata["cuda_graph"] is True
     assert set(calls) == {256} and smooth.sampler.compile_seconds > 0
     assert (compiled.counts - eager.counts).abs().sum() <= 10 and compiled.prediction == eager.prediction
+
+
+@pytest.mark.parametrize("mode", [dict(radii=[0.02, 0.05]), dict(sequential=True, tolerance=0.02)])
+def test_sequential_modes_agree_with_and_without_overlap(mode):
+    """Sequential CERTIFY on the GPU: rounds of many images in flight, the next submission queued
+    before this one's counts are read (overlap) or not, any number of images in flight: the same rows."""
+    model = spreading_model()
+    smooth = fastsmooth.Smooth(model, 10, fastsmooth.Gaussian(sigma=0.25), backend="triton", precision="fp32")
+    images = gray_images(6)
+    runs = []
+    for smooth.overlap, in_flight in ((True, None), (False, None), (True, 2)):
+        certs = list(smooth.certify_many(images, n0=64, n=4000, alpha=0.01, batch_size=256,
+                                         images_per_group=in_flight, **mode))
+        runs.append([(c.prediction, c.radius, c.p_lower, c.n, c.counts.tolist(), c.counts0.tolist()) for c in certs])
+        assert_spread(certs)
+    assert runs[0] == runs[1] == runs[2]

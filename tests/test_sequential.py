@@ -241,3 +241,30 @@ def test_the_check_catches_a_bound_without_confidence(monkeypatch):
     false, _ = _false_certificates(dict(radii=RADII), 0.5 - 0.01, seed=7)
     with pytest.raises(AssertionError):
         _assert_at_most_alpha(false, "point estimate")
+
+
+def test_the_engine_queues_the_next_submission_before_reading_counts(monkeypatch):
+    """With overlap (the CUDA setting) a submission of other images' rounds is queued before the
+    counts of the previous one are read back: the device never waits for the host's statistics."""
+    from fastsmooth import sampler as sampler_module
+
+    events = []
+    submit, result = sampler_module.Sampler.submit, sampler_module.PendingTotals.result
+    monkeypatch.setattr(sampler_module.Sampler, "submit",
+                        lambda self, *a, **k: events.append("submit") or submit(self, *a, **k))
+    monkeypatch.setattr(sampler_module.PendingTotals, "result",
+                        lambda self: events.append("result") or result(self))
+    model = OnePixel()
+    smooth = Smooth(model, 2, Gaussian(sigma=0.4), precision="fp32", seed=4)
+    xs = [(i, model.image(m)) for i, m in enumerate((0.05, 0.15, 0.3, 0.6, -0.2, 1.0) * 3)]
+    smooth.overlap = True
+    overlapped = [_key(c) for c in smooth.certify_many(xs, n0=30, n=3000, alpha=0.01, batch_size=100, radii=[0.1, 0.3])]
+    in_flight, most = 0, 0
+    for event in events:
+        in_flight += 1 if event == "submit" else -1
+        most = max(most, in_flight)
+    assert most == 2 and events[:2] == ["submit", "submit"]
+    events.clear()
+    smooth.overlap = False
+    alone = [_key(c) for c in smooth.certify_many(xs, n0=30, n=3000, alpha=0.01, batch_size=100, radii=[0.1, 0.3])]
+    assert events[:4] == ["submit", "result", "submit", "result"] and alone == overlapped
