@@ -75,7 +75,7 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, certify: bool) -> None:
         mode.add_argument("--sequential", action="store_true",
                           help="sequential: the full radius, each image stopping when going on to --samples "
                           "votes would raise it by less than --tolerance")
-        p.add_argument("--tolerance", type=float, default=0.01,
+        p.add_argument("--tolerance", type=float, default=None,
                        help="--sequential: relative radius gain below which an image stops (default 0.01)")
     p.add_argument("--samples", "--N", dest="n", type=int, default=100_000, help="copies per image (default 100000)")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
@@ -187,7 +187,10 @@ def _resolve(args: argparse.Namespace) -> None:
         if any(not math.isfinite(r) or r < 0 for r in args.radii):
             raise CliError(f"--radii must be finite and >= 0, got {' '.join(map(str, args.radii))}")
     if hasattr(args, "tolerance"):
+        if args.tolerance is not None and not args.sequential:
+            raise CliError("--tolerance is the stopping tolerance of --sequential: add --sequential or drop it")
         _check_positive_finite("--tolerance", args.tolerance)
+        args.tolerance = 0.01 if args.tolerance is None else args.tolerance
     if args.resume and args.force:
         raise CliError("--resume and --force exclude each other")
     if args.resume and args.out is None:

@@ -132,6 +132,13 @@ CASES = [
     ("device-unknown", ["--model", "{good}", "--device", "bogus"], "not a torch device"),
     ("cohen-no-sigma", ["digits", "{good}"], "DATASET CHECKPOINT SIGMA"),
     ("unknown-norm", ["--model", "{good}", "--norm", "l3"], "invalid choice"),
+    ("radii-negative", ["--model", "{good}", "--radii", "0.25", "-1"], "--radii must be finite and >= 0"),
+    ("radii-nan", ["--model", "{good}", "--radii", "nan"], "--radii must be finite and >= 0"),
+    ("radii-empty", ["--model", "{good}", "--radii"], "expected at least one argument"),
+    ("radii-and-sequential", ["--model", "{good}", "--radii", "0.25", "--sequential"], "not allowed with"),
+    ("tolerance-zero", ["--model", "{good}", "--sequential", "--tolerance", "0"],
+     "--tolerance must be a finite number > 0"),
+    ("tolerance-alone", ["--model", "{good}", "--tolerance", "0.02"], "--tolerance is the stopping tolerance"),
 ]
 if not torch.cuda.is_available():
     CASES.append(("device-cuda-absent", ["--model", "{good}", "--device", "cuda"], "not available here"))
@@ -234,6 +241,7 @@ OPTIONS = {
     "--seed": st.integers(-3, 2**40),
     "--device": pick(["cpu"], ["bogus"]),
     "--backend": pick(["auto", "torch"], ["cuda"]),
+    "--radii": pick(["0.1", "0.5"], ["-1", "nan"]),
 }
 
 
@@ -248,7 +256,7 @@ OPTIONS = {
 def test_fuzz_cli_arguments(files, command, options, model, out, flags):
     resume, force = flags
     if command == "predict":
-        options = {k: v for k, v in options.items() if k not in ("--n0", "--norm")}
+        options = {k: v for k, v in options.items() if k not in ("--n0", "--norm", "--radii")}
     models = {"good": files["good"], "missing": files["root"] / "missing.pt", "corrupt": files["corrupt"],
               "five": files["five"], "nan": files["nan"]}
     options["--model"] = model
