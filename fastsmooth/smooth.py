@@ -325,18 +325,6 @@ STEERING_ALPHA = 0.1                   # level of the upper bound that steers Ta
 AIM_GROWTH = 2.0 ** (np.arange(1, 65) / 16)  # the t' tried for the next round: t * 2^(1/16) .. t * 16
 
 
-def _p_for_radius(noise: Noise, radius: float, norm: str, dim: int) -> float:
-    """Stand-in for noise.p_for_radius (issue 14): the smallest p_lower whose radius is >= ``radius``
-    (bisection on noise.radius, which is nondecreasing in p_lower); inf when none certifies it."""
-    if noise.radius(1.0, norm, dim) < radius:
-        return math.inf
-    lo, hi = 0.5, 1.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if noise.radius(mid, norm, dim) >= radius else (mid, hi)
-    return hi
-
-
 class _Rule:
     """What both rules share: the anytime bounds at (k, t) and the aim of the next round."""
 
@@ -459,4 +447,5 @@ def check_radii(radii) -> list:
 
 @lru_cache(maxsize=256)
 def _thresholds(noise: Noise, radii: tuple, norm: str, dim: int) -> list:
-    return [_p_for_radius(noise, r, norm, dim) for r in radii]
+    """p_for_radius of each target (inf for a target no p_lower certifies), once per image size."""
+    return [noise.p_for_radius(r, norm, dim) for r in radii]
