@@ -212,3 +212,23 @@ def test_printed_radius_and_bound_never_exceed_the_certified_values():
         assert float(format_radius(value)) <= value
         assert float(format_probability(value / 4)) <= value / 4
     assert format_radius(0.2536, cohen=True) == "0.253" and format_radius(0.0, cohen=True) == "0.0"
+
+
+def test_files_certified_at_target_radii(tmp_path, capsys):
+    """A `certify --radii` file: its copies counted with n0 from the metadata, its targets in the
+    default radii, and a note that between targets its figures are lower bounds."""
+    path = tmp_path / "radii.tsv"
+    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\tp_lower\tn_a\tn\tnorm\n"
+                    "0\t1\t1\t0.300000\t1\t0.1\t0.9\t6000\t6100\tl2\n"
+                    "1\t2\t2\t0.100000\t1\t0.1\t0.7\t900\t1000\tl2\n"
+                    "2\t3\t-1\t0.000000\t0\t0.1\t0.4\t200\t500\tl2\n")
+    (tmp_path / "radii.tsv.meta.json").write_text(json.dumps({"mode": "radii", "radii": [0.1, 0.3], "n0": 100}))
+    results = read_results(str(path))
+    assert analyze.copies_used(results) == 6100 + 1000 + 500 + 3 * 100
+    assert analyze.target_radii(results) == [0.1, 0.3]
+    assert analyze.auto_radii([results]) == [0.0, 0.1, 0.25, 0.3]
+    assert analyze.main([str(path), "--table", "csv"]) == 0
+    captured = capsys.readouterr()
+    table = {row["file"]: row for row in csv.DictReader(io.StringIO(captured.out))}
+    assert table["radii.tsv"]["copies"] == "7900" and float(table["radii.tsv"]["r=0.3"]) == pytest.approx(1 / 3)
+    assert "certified at target radii 0.1 0.3" in captured.err and "lower bounds" in captured.err

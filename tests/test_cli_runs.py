@@ -274,6 +274,13 @@ def test_sequential_metadata_and_mode_checked_on_resume(sequential_reference, mo
     assert rc == 2 and f"different settings (mode='{mode}'" in stderr
     rc, _, stderr = run_cli([*ARGS, "--samples", "4000", "--out", out, "--resume"])  # fixed n: refused too
     assert rc == 2 and "different settings" in stderr
+    # a fixed-n file written before the sequential modes (no "mode" recorded) is not resumed with them
+    old = json.loads(Path(sequential_reference / f"{mode}.tsv.meta.json").read_text())
+    for key in ("mode", "radii", "tolerance", "bound"):
+        old.pop(key, None)
+    Path(f"{out}.meta.json").write_text(json.dumps(old))
+    rc, _, stderr = run_cli([*SEQUENTIAL[mode], "--out", out, "--resume"])
+    assert rc == 2 and "different settings (mode='fixed')" in stderr
 
 
 @pytest.mark.parametrize("mode", list(SEQUENTIAL))
