@@ -109,7 +109,7 @@ def max_lower_bound(n: int, alpha: float) -> float:
 # The prior strength m sets where the bound is tight. In the normal approximation the boundary of
 # (k - n p) is sqrt(p (1-p) (n + m) (2 log(1/alpha) + log(1 + n/m))) (Robbins' normal mixture), which
 # is smallest at n / m = 2 log(1/alpha) + log(1 + n/m): n = 17 m at alpha = 0.001. m = 500 is that
-# optimum at n = 8,500, and within 5 % of the optimal width for every n in [2e3, 1e5], where
+# optimum at n = 8,400, and within 5 % of the optimal width for every n in [2e3, 1e5], where
 # certificates are read (target radii stop near 1e4; full radii run to the cap 1e5). Where all votes
 # go to one class the bound needs m log(1 + n/m) votes more than Clopper-Pearson does, so a smaller
 # m is better there at every n: 500 costs 0.17 % of the Gaussian radius at n = 1e5 and 26 % more
