@@ -7,10 +7,10 @@ returns its result. ``stream`` runs the procedures of a stream of images on one 
 * the rounds of many images are packed into *submissions* of whole batches (a round may be split
   between batches or submissions: the counts of a copy range do not depend on how it is cut,
   DESIGN §5), so every batch is full except at the very end or where the image shape changes;
-* new images enter as soon as the copies waiting would not fill the next submission;
+* new images enter as soon as fewer than a few batches of copies wait (SUBMISSION_BATCHES);
 * with ``overlap`` (CUDA) the next submission is queued before the counts of the previous one are
-  read back, so the device does not wait for the host's statistics; one host sync per submission,
-  none per batch (``Sampler.submit``);
+  read back, so the device does not wait for the host's statistics; one host sync per submission
+  (at most MAX_SUBMISSION_BATCHES batches), none per batch (``Sampler.submit``);
 * results come out in the order of the images, each with its share of the wall time.
 
 Every result depends only on its image's counts, hence only on (seed, image index): not on the
@@ -28,7 +28,8 @@ import torch
 
 from .sampler import Job, Sampler
 
-SUBMISSION_BATCHES = 4      # batches per submission: one host sync each, and rows come out soon
+SUBMISSION_BATCHES = 4      # images enter while fewer batches than this wait: rows come out soon
+MAX_SUBMISSION_BATCHES = 32 # batches per submission at most with overlap (one host sync each)
 MAX_IMAGES = 256            # images in flight at most (each holds its pixels and counts)
 
 
@@ -101,7 +102,10 @@ class _Scheduler:
     def __init__(self, sampler, items, start, batch_size, overlap, max_images):
         self.sampler, self.items, self.start = sampler, iter(items), start
         self.batch_size, self.depth, self.max_images = int(batch_size), 2 if overlap else 1, int(max_images)
-        self.submission = SUBMISSION_BATCHES * self.batch_size
+        self.admit_below = SUBMISSION_BATCHES * self.batch_size  # queued copies under which images enter
+        # Bigger submissions only pay where a host sync costs device time (overlap: CUDA); on a CPU
+        # the work is synchronous anyway and small submissions hand rows out sooner.
+        self.largest = (MAX_SUBMISSION_BATCHES if overlap else SUBMISSION_BATCHES) * self.batch_size
         self.order: deque = deque()       # images in input order, until handed out
         self.queue: deque = deque()       # pieces waiting for a submission
         self.queued = 0                   # copies in queue
@@ -128,9 +132,9 @@ class _Scheduler:
         if self.error is not None:
             raise self.error
 
-    # -- admission: new images while the queue would not fill a submission ----------------------
+    # -- admission: new images while few copies wait -----------------------------------------------
     def _admit(self) -> None:
-        while self.queued < self.submission and self.active < self.max_images:
+        while self.queued < self.admit_below and self.active < self.max_images:
             if self.held is not None:
                 index, x = self.held
                 if self.active and tuple(x.shape) != self.shape:
@@ -178,7 +182,7 @@ class _Scheduler:
         return not waiting_for_results and not can_admit
 
     def _submit(self) -> None:
-        take = min(self.queued, self.submission)
+        take = min(self.queued, self.largest)
         if take >= self.batch_size:
             take -= take % self.batch_size  # whole batches; the rest waits for more rounds
         pieces, left = [], take
