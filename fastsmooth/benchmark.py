@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cli import batch_arg, input_grid_arg
 from .noises import Gaussian
 from .telemetry import device_facts, summary
 
@@ -546,14 +547,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="estimation copies n per image (default 100000 on CUDA, 2000 on CPU)")
     parser.add_argument("--n0", type=int, default=100, help="selection copies per image (default 100)")
     parser.add_argument("--images", type=int, default=1, help="images certified per measurement (default 1)")
-    parser.add_argument("--batch", type=_batch, default="auto", help="the engine's copies per forward batch "
+    parser.add_argument("--batch", type=batch_arg, default="auto", help="the engine's copies per forward batch "
                         "(default auto, as certify: 1000 on a CPU, on a GPU the batch that fills it; the "
                         "reference loop then keeps Cohen's 1000)")
     parser.add_argument("--sigma", type=float, default=0.25, help="Gaussian noise level (default 0.25)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton"])
-    parser.add_argument("--input-grid", default="255", type=_input_grid, help="certify the 8-bit test images on "
-                        "the grid 1/255 (default 255, as the built-in data sets) or in float arithmetic (none)")
+    parser.add_argument("--input-grid", default="255", type=input_grid_arg, help="certify the 8-bit test images on "
+                        "the grid 1/255 (default 255, as certify's auto for 8-bit data sets; auto is 255 here) or "
+                        "in float arithmetic (none)")
     parser.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                         help="torch.compile the engine's model (bare forward and certify): auto (default, as "
                              "certify decides for the --whole-run), on (also a bare --compile), off; the "
@@ -568,23 +570,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="then time the engine's parts (noise fill, forward, votes, other) over the rounds")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the record (with device facts) as JSON")
     parser.set_defaults(run=run)
-
-
-def _input_grid(text: str):
-    if text.lower() == "none":
-        return None
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or none, got {text!r}")
-    return int(text)
-
-
-def _batch(text: str):
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {text!r}") from None
 
 
 def _whole_run(text: str) -> Tuple[int, int]:
@@ -608,7 +593,8 @@ def run(args: argparse.Namespace) -> int:
     model, num_classes, shape, name = make_model(args.arch, args.dataset, args.sigma, device, args.model)
     workload = Workload(name, model, num_classes, shape, n0=args.n0, n=copies, images=args.images,
                         batch=args.batch, sigma=args.sigma, precision=args.precision, backend=args.backend,
-                        compile=args.compile, device=str(device), input_grid=args.input_grid,
+                        compile=args.compile, device=str(device),
+                        input_grid={"auto": 255, "none": None}.get(args.input_grid, args.input_grid),
                         whole_run=args.whole_run)
     methods = [m for m in METHODS if not (args.no_reference and m == "reference")]
     print(f"fastsmooth bench: {name}: 1 warm-up + {args.rounds} rounds of {', '.join(methods)} "

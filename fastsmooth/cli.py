@@ -79,7 +79,7 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, certify: bool) -> None:
                        help="--sequential: relative radius gain below which an image stops (default 0.01)")
     p.add_argument("--samples", "--N", dest="n", type=int, default=100_000, help="copies per image (default 100000)")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
-    p.add_argument("--batch", type=_batch, default="auto", help="copies per forward batch (default auto: 1000 "
+    p.add_argument("--batch", type=batch_arg, default="auto", help="copies per forward batch (default auto: 1000 "
                    "on a CPU, on a GPU the batch that fills it, measured up to half its free memory)")
     p.add_argument("--skip", type=int, default=1, help="certify every skip-th image (default 1)")
     p.add_argument("--max", "--max-index", dest="max", type=int, default=-1,
@@ -92,7 +92,7 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, certify: bool) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton"],
                    help="noise backend (default auto: triton on CUDA, native on a CPU)")
-    p.add_argument("--input-grid", default="auto", type=_input_grid, metavar="auto|none|G",
+    p.add_argument("--input-grid", default="auto", type=input_grid_arg, metavar="auto|none|G",
                    help="form noisy inputs from integers on the grid k / G, sound in floating point "
                    "(default auto: the data set's pixel grid, 255 for 8-bit images, 16 for digits); none: "
                    "x + noise in float32, as public smoothing code does")
@@ -108,7 +108,8 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, certify: bool) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
 
 
-def _input_grid(text: str):
+def input_grid_arg(text: str):
+    """argparse type of --input-grid: auto, none or a positive integer G."""
     if text in ("auto", "none"):
         return text
     if not text.isdigit() or int(text) < 1:
@@ -116,7 +117,8 @@ def _input_grid(text: str):
     return int(text)
 
 
-def _batch(text: str):
+def batch_arg(text: str):
+    """argparse type of --batch: auto or an integer (checked > 0 later, with the other counts)."""
     if text == "auto":
         return text
     try:

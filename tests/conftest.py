@@ -37,3 +37,21 @@ def _fresh_indices_from_the_base(monkeypatch):
     from fastsmooth import seeding
 
     monkeypatch.setattr(seeding, "_auto_indices", itertools.count(seeding.AUTO_INDEX_BASE))
+
+
+@pytest.fixture
+def compiled_calls(monkeypatch, tmp_path):
+    """The batch sizes of every call through a compiled model (tuning.CompiledModel), into a cold
+    inductor cache of the test's own."""
+    from fastsmooth import tuning
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    calls = []
+    real_call = tuning.CompiledModel.__call__
+
+    def spy(self, x):
+        calls.append(x.shape[0])
+        return real_call(self, x)
+
+    monkeypatch.setattr(tuning.CompiledModel, "__call__", spy)
+    return calls

@@ -7,21 +7,12 @@ import torch
 from torch._dynamo.utils import counters
 
 import fastsmooth
-from fastsmooth import tuning
 from fastsmooth.models import get_architecture
 
 
 @pytest.mark.slow  # inductor compiles C++ for the CPU: about 10 s here
-def test_compiled_model_is_used_votes_like_eager_and_is_recorded(monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # a cold compile
-    calls = []
-    real_call = tuning.CompiledModel.__call__
-
-    def spy(self, x):
-        calls.append(x.shape[0])
-        return real_call(self, x)
-
-    monkeypatch.setattr(tuning.CompiledModel, "__call__", spy)
+def test_compiled_model_is_used_votes_like_eager_and_is_recorded(compiled_calls):
+    calls = compiled_calls                  # into a cold inductor cache
     torch.manual_seed(0)
     model = get_architecture("cnn", "digits").eval()
     x = torch.rand(1, 8, 8)

@@ -109,21 +109,11 @@ def test_grid_inputs_on_the_gpu_equal_the_cpu(name):
         assert torch.equal(gpu.cpu(), cpu)
 
 
-def test_compiled_forward_in_the_cuda_graph_votes_like_eager(monkeypatch, tmp_path):
+def test_compiled_forward_in_the_cuda_graph_votes_like_eager(compiled_calls):
     """torch.compile on CUDA (issue 15): the compiled model, captured in the engine's CUDA graph at
     one static call size (the last short batch padded), votes as the eager one does up to near ties
     of bf16 rounding, and every forward of certify went through it."""
-    from fastsmooth import tuning
-
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    calls = []
-    real_call = tuning.CompiledModel.__call__
-
-    def spy(self, x):
-        calls.append(x.shape[0])
-        return real_call(self, x)
-
-    monkeypatch.setattr(tuning.CompiledModel, "__call__", spy)
+    calls = compiled_calls
     torch.manual_seed(0)
     model = get_architecture("cnn", "digits").cuda().eval()
     x = torch.rand(1, 8, 8)
