@@ -10,7 +10,9 @@ setup(
             sources=["fastsmooth/native/noise.c"],
             # ISO float semantics: no fused multiply-add (the kernels' float32 operations), no fast-math;
             # errno is never read, so sqrt and rounding may be inlined and vectorized.
-            extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno"],
+            # OpenMP: the fill runs on the team torch's intra-op work uses (native_backend.py).
+            extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
             optional=True,
         )
     ]

@@ -29,6 +29,13 @@ OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MIN_COPIES_PER_CALL = 8   # below it a thread's share is not worth the handoff
 
 
+class _Piece(ctypes.Structure):
+    """fs_piece of noise.c: one thread's share of a fill."""
+
+    _fields_ = [("x", ctypes.c_void_p), ("out", ctypes.c_void_p), ("image", ctypes.c_uint32),
+                ("first_copy", ctypes.c_uint32), ("count", ctypes.c_int64)]
+
+
 class _Plan(ctypes.Structure):
     """fs_plan of noise.c, field for field."""
 
@@ -50,10 +57,31 @@ def _library() -> Optional[ctypes.CDLL]:
         lib = ctypes.CDLL(spec.origin)
     except OSError:
         return None
+    if lib.fs_abi_version() != 2:
+        return None
     lib.fs_fill.restype = ctypes.c_int
     lib.fs_fill.argtypes = [ctypes.POINTER(_Plan), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                             ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int64]
-    return lib if lib.fs_abi_version() == 1 else None
+    lib.fs_fill_pieces.restype = ctypes.c_int
+    lib.fs_fill_pieces.argtypes = [ctypes.POINTER(_Plan), ctypes.POINTER(_Piece), ctypes.c_int64, ctypes.c_int64,
+                                   ctypes.c_int]
+    return lib
+
+
+@lru_cache(maxsize=None)
+def _shares_torch_openmp() -> bool:
+    """Whether the extension's OpenMP is torch's: built with it, and one libgomp in the process (the
+    loader gives the extension the libgomp.so.1 torch loaded first). Two runtimes would run two teams
+    of threads on the same cores; the fill then uses a thread pool of its own instead."""
+    lib = _library()
+    if lib is None or not lib.fs_openmp():
+        return False
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line or "libomp" in line}
+    except OSError:
+        return False
+    return len(paths) == 1
 
 
 def native_available() -> bool:
@@ -163,7 +191,12 @@ class NativeBackend:
             if fill(ref, x_ptr, out_ptr, stride, image, first, take) != 0:
                 raise MemoryError("native noise fill failed")
 
-        if threads > 1 and len(pieces) > 1:
+        if threads > 1 and len(pieces) > 1 and _shares_torch_openmp():
+            # on torch's own OpenMP team (noise.c, fs_fill_pieces): no handoff, no core to wait for
+            array = (_Piece * len(pieces))(*(_Piece(*piece) for piece in pieces))
+            if self._lib.fs_fill_pieces(ref, array, len(pieces), stride, threads) != 0:
+                raise MemoryError("native noise fill failed")
+        elif threads > 1 and len(pieces) > 1:
             # the other shares on the pool, the last one on the calling thread (rows disjoint per piece)
             futures = [self._workers().submit(run, piece) for piece in pieces[:-1]]
             run(pieces[-1])

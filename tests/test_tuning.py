@@ -107,8 +107,28 @@ def test_the_first_load_look_reads_the_load_average(monkeypatch):
     monkeypatch.setattr(cpu.os, "getloadavg", lambda: (3.0, 3.0, 3.0))
     monkeypatch.setattr(cpu.time, "process_time", lambda: 6.0)  # this process: at most 0.1 of it
     assert cpu.others_by_load_average() == pytest.approx(2.9)
+    monkeypatch.setattr(cpu, "others_running_now", lambda: 3.0)
     assert cpu.CpuLoad().others_busy() == pytest.approx(2.9)  # the first look
     assert cpu.choose_threads(cores=2, others_busy=2.9, ceiling=2) == 1
+    # a load average left by a job that has ended: nothing else runnable now, both cores taken
+    monkeypatch.setattr(cpu, "others_running_now", lambda: 0.0)
+    assert cpu.CpuLoad().others_busy() == 0.0
+
+
+def test_later_looks_measure_a_window_of_a_second(monkeypatch):
+    """/proc/stat's 10 ms ticks make a tenth-of-a-second window err by +-0.2 cores: a look within
+    CpuLoad.WINDOW of the last measurement repeats the last estimate."""
+    clock = {"wall": 100.0, "busy": 50.0, "own": 1.0}
+    monkeypatch.setattr(cpu, "_busy_seconds", lambda: clock["busy"])
+    monkeypatch.setattr(cpu.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(cpu.time, "process_time", lambda: clock["own"])
+    monkeypatch.setattr(cpu, "others_running_now", lambda: 0.0)
+    load = cpu.CpuLoad()
+    assert load.others_busy() == 0.0
+    clock.update(wall=100.1, busy=50.3, own=1.0)          # a burst of tick noise within the window
+    assert load.others_busy() == 0.0
+    clock.update(wall=102.0, busy=53.0, own=2.0)          # 2 s: 3 busy seconds, 1 of them ours
+    assert load.others_busy() == pytest.approx(1.0)
 
 
 def test_gpu_batch_rules_worked_values():

@@ -255,8 +255,14 @@ static expinf_copy expinf_per_copy(const fs_plan *p, uint32_t copy, uint32_t ima
     return out;
 }
 
+/* Elements of lane l that a chunk of ``elems`` elements holds (its groups t < n feed them). */
+static inline int lane_len(int elems, int l, int n) {
+    int len = elems - l * LANE;
+    return len < 0 ? 0 : (len < n ? len : n);
+}
+
 FS_CLONES
-static void float_chunk(const fs_plan *p, uint32_t chunk, int n, uint32_t copy, uint32_t image,
+static void float_chunk(const fs_plan *p, uint32_t chunk, int n, int elems, uint32_t copy, uint32_t image,
                         const expinf_copy *ex, float radius, float *restrict vals) {
     uint32_t w[4][LANE];
     const float lam = p->lam;
@@ -265,7 +271,7 @@ static void float_chunk(const fs_plan *p, uint32_t chunk, int n, uint32_t copy, 
         for (int h = 0; h < 2; h++) {          /* Box-Muller on lanes (0, 1) and (2, 3) */
             const uint32_t *wa = w[2 * h], *wb = w[2 * h + 1];
             float *va = vals + 2 * h * LANE, *vb = vals + (2 * h + 1) * LANE;
-            for (int t = 0; t < n; t++) {
+            for (int t = 0, len = lane_len(elems, 2 * h, n); t < len; t++) {
                 float low = ((float)(wb[t] & 0xFFu) + 0.5f) * 0.00390625f;
                 float u = ((float)(wa[t] & 0x7FFFFFFFu) + low) * 4.656612873077393e-10f;
                 float rad = sqrtf(-2.0f * fs_logf(u));
@@ -279,7 +285,7 @@ static void float_chunk(const fs_plan *p, uint32_t chunk, int n, uint32_t copy, 
         int first_cell = 0;
         for (int l = 0; l < 4; l++) {
             float *v = vals + l * LANE;
-            for (int t = 0; t < n; t++) {
+            for (int t = 0, len = lane_len(elems, l, n); t < len; t++) {
                 float mag = -fs_logf(u31(w[l][t]));
                 v[t] = lam * float_of(bits_of(mag) ^ (w[l][t] & 0x80000000u));   /* the word's sign */
                 first_cell |= (w[l][t] & 0x7FFFFFFFu) == 0;
@@ -289,7 +295,7 @@ static void float_chunk(const fs_plan *p, uint32_t chunk, int n, uint32_t copy, 
             uint32_t tail[4][LANE];
             philox_run(chunk * LANE, n, copy, image, p->domain + TAG_LAPLACE_TAIL, p->k0, p->k1, tail);
             for (int l = 0; l < 4; l++)
-                for (int t = 0; t < n; t++)
+                for (int t = 0, len = lane_len(elems, l, n); t < len; t++)
                     if ((w[l][t] & 0x7FFFFFFFu) == 0) {
                         float u = ((float)(tail[l][t] & 0x7FFFFFFFu) + 0.5f) * 2.168404344971009e-19f;
                         float mag = -logf(u);
@@ -298,17 +304,17 @@ static void float_chunk(const fs_plan *p, uint32_t chunk, int n, uint32_t copy, 
         }
     } else if (p->noise == NOISE_UNIFORM) {
         for (int l = 0; l < 4; l++)
-            for (int t = 0; t < n; t++) vals[l * LANE + t] = lam * s32(w[l][t]);
+            for (int t = 0, len = lane_len(elems, l, n); t < len; t++) vals[l * LANE + t] = lam * s32(w[l][t]);
     } else {
         for (int l = 0; l < 4; l++)
-            for (int t = 0; t < n; t++) vals[l * LANE + t] = radius * s32(w[l][t]);
+            for (int t = 0, len = lane_len(elems, l, n); t < len; t++) vals[l * LANE + t] = radius * s32(w[l][t]);
         int64_t local = ex->face - (int64_t)chunk * CHUNK;
         if (local >= 0 && local < CHUNK && (local % LANE) < n) vals[local] = radius * ex->sign;
     }
 }
 
 FS_GATHER_CLONES
-static void grid_chunk(const fs_plan *p, uint32_t chunk, int n, uint32_t copy, uint32_t image,
+static void grid_chunk(const fs_plan *p, uint32_t chunk, int n, int elems, uint32_t copy, uint32_t image,
                        const expinf_copy *ex, double a, int32_t *restrict vals) {
     uint32_t w[4][LANE];
     philox_run(chunk * LANE, n, copy, image, p->domain + TAG_ELEMENT, p->k0, p->k1, w);
@@ -316,7 +322,7 @@ static void grid_chunk(const fs_plan *p, uint32_t chunk, int n, uint32_t copy, u
         uint32_t lw[4][LANE];
         philox_run(chunk * LANE, n, copy, image, p->domain + TAG_GRID_LOW, p->k0, p->k1, lw);
         for (int l = 0; l < 4; l++)
-            for (int t = 0; t < n; t++) {
+            for (int t = 0, len = lane_len(elems, l, n); t < len; t++) {
                 uint64_t kk = ((uint64_t)w[l][t] << 21) | (uint64_t)(lw[l][t] >> 11);
                 double s = (double)((int64_t)(2 * kk + 1) - 9007199254740992LL) * 1.1102230246251565e-16;
                 vals[l * LANE + t] = (int32_t)floor(a * s + 0.5);
@@ -331,7 +337,7 @@ static void grid_chunk(const fs_plan *p, uint32_t chunk, int n, uint32_t copy, u
     const int32_t offset = p->offset;
     int ties = 0;
     for (int l = 0; l < 4; l++)
-        for (int t = 0; t < n; t++) {
+        for (int t = 0, len = lane_len(elems, l, n); t < len; t++) {
             uint32_t i = w[l][t] >> shift, v = w[l][t] & mask, e = packed[i], th = e >> bits;
             vals[l * LANE + t] = (v < th ? (int32_t)i : (int32_t)(e & amask)) - offset;
             ties |= v == th;
@@ -340,7 +346,7 @@ static void grid_chunk(const fs_plan *p, uint32_t chunk, int n, uint32_t copy, u
         uint32_t lw[4][LANE];
         philox_run(chunk * LANE, n, copy, image, p->domain + TAG_GRID_LOW, p->k0, p->k1, lw);
         for (int l = 0; l < 4; l++)
-            for (int t = 0; t < n; t++) {
+            for (int t = 0, len = lane_len(elems, l, n); t < len; t++) {
                 uint32_t i = w[l][t] >> shift, v = w[l][t] & mask, e = packed[i];
                 if (v == e >> bits) vals[l * LANE + t] = (lw[l][t] < p->t_lo[i] ? (int32_t)i : (int32_t)(e & amask)) - offset;
             }
@@ -412,8 +418,8 @@ int fs_fill(const fs_plan *p, const void *x, void *out, int64_t row_stride, uint
         for (int64_t ch = 0; ch < chunks; ch++) {
             int64_t e0 = ch * CHUNK, n = d - e0 < CHUNK ? d - e0 : CHUNK;
             int groups = n < LANE ? (int)n : LANE;   /* lanes 1-3 hold elements only in a full lane run */
-            if (p->grid) grid_chunk(p, (uint32_t)ch, groups, copy, image, &ex, a, vals.i);
-            else float_chunk(p, (uint32_t)ch, groups, copy, image, &ex, radius, vals.f);
+            if (p->grid) grid_chunk(p, (uint32_t)ch, groups, (int)n, copy, image, &ex, a, vals.i);
+            else float_chunk(p, (uint32_t)ch, groups, (int)n, copy, image, &ex, radius, vals.f);
             /* a partial chunk holds lanes l with e0 + l*128 + t < d: store lane by lane */
             for (int l = 0; l < 4; l++) {
                 int64_t start = l * LANE, len = n - start < LANE ? n - start : LANE;
@@ -425,7 +431,40 @@ int fs_fill(const fs_plan *p, const void *x, void *out, int64_t row_stride, uint
     return 0;
 }
 
-int fs_abi_version(void) { return 1; }
+/* One share of a fill: copies first_copy .. + count of one image into rows from out. */
+typedef struct {
+    const void *x;
+    void *out;
+    uint32_t image, first_copy;
+    int64_t count;
+} fs_piece;
+
+/* The pieces of a fill on ``threads`` threads of OpenMP's team -- the very team torch runs its
+   intra-op work on when both use one libgomp (the loader shares the already-loaded libgomp.so.1):
+   its threads are awake right after a forward, where a pool of our own would wait for a core that
+   one of them is spinning on. Pieces write disjoint rows. */
+int fs_fill_pieces(const fs_plan *p, const fs_piece *pieces, int64_t n_pieces, int64_t row_stride, int threads) {
+    int failed = 0;
+    if (philox_run_impl == NULL) philox_run_impl = choose_philox_run();
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static, 1) reduction(| : failed)
+#endif
+    for (int64_t i = 0; i < n_pieces; i++)
+        failed |= fs_fill(p, pieces[i].x, pieces[i].out, row_stride, pieces[i].image, pieces[i].first_copy,
+                          pieces[i].count) != 0;
+    (void)threads;
+    return failed ? -1 : 0;
+}
+
+int fs_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int fs_abi_version(void) { return 2; }
 
 /* Which Philox path runs: 2 AVX-512, 1 AVX2, 0 scalar (FASTSMOOTH_NATIVE_ISA=avx2|scalar caps it, for tests). */
 int fs_isa(void) {
