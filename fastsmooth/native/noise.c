@@ -361,18 +361,9 @@ static inline uint16_t bf16_rtne(float y) {
     return (uint16_t)((u.i + 0x7FFFu + ((u.i >> 16) & 1u)) >> 16);
 }
 
-static inline void put(const fs_plan *p, const float *y, int64_t n, void *out, int64_t o, int64_t step) {
-    if (p->out_dtype == OUT_F32) { float *q = (float *)out + o; for (int64_t i = 0; i < n; i++) q[i * step] = y[i]; }
-    else if (p->out_dtype == OUT_BF16) { uint16_t *q = (uint16_t *)out + o; for (int64_t i = 0; i < n; i++) q[i * step] = bf16_rtne(y[i]); }
-    else { _Float16 *q = (_Float16 *)out + o; for (int64_t i = 0; i < n; i++) q[i * step] = (_Float16)y[i]; }
-}
-
-/* Elements e0 .. e0 + n - 1 of a copy: out = cast(y), y = x + eps or fl32((k + nu) / G), at element e of
-   a contiguous row, or at pixel * C + channel of a channels_last one. */
+/* Elements e0 .. e0 + n - 1 of a copy's model input into y: x + eps, or fl32((k + nu) / G). */
 FS_CLONES
-static void store(const fs_plan *p, const void *x, const void *vals, int64_t e0, int64_t n, void *out_row,
-                  int64_t hw) {
-    float y[LANE];
+static void model_input(const fs_plan *p, const void *x, const void *vals, int64_t e0, int64_t n, float *restrict y) {
     if (p->grid) {
         const int32_t *k = (const int32_t *)x + e0, *nu = (const int32_t *)vals;
         const float g = (float)p->grid;
@@ -382,16 +373,48 @@ static void store(const fs_plan *p, const void *x, const void *vals, int64_t e0,
         const float *xf = (const float *)x + e0, *eps = (const float *)vals;
         for (int64_t i = 0; i < n; i++) y[i] = xf[i] + eps[i];
     }
-    if (!p->channels) {
-        put(p, y, n, out_row, e0, 1);
+}
+
+/* out[o + i] = cast(y[i]), i < n: one rounding to the output dtype. */
+FS_CLONES
+static void put(const fs_plan *p, const float *restrict y, int64_t n, void *restrict out, int64_t o) {
+    if (p->out_dtype == OUT_F32) { float *q = (float *)out + o; for (int64_t i = 0; i < n; i++) q[i] = y[i]; }
+    else if (p->out_dtype == OUT_BF16) { uint16_t *q = (uint16_t *)out + o; for (int64_t i = 0; i < n; i++) q[i] = bf16_rtne(y[i]); }
+    else { _Float16 *q = (_Float16 *)out + o; for (int64_t i = 0; i < n; i++) q[i] = (_Float16)y[i]; }
+}
+
+/* A whole copy y (logical order c HW + hw) into a channels_last row (hw C + c), cast; pixel by pixel,
+   so that the stores are contiguous (three channels, the images' common case, unrolled). */
+FS_CLONES
+static void put_channels_last(const fs_plan *p, const float *restrict y, int64_t hw, void *restrict out) {
+    const int64_t C = p->channels;
+    if (p->out_dtype == OUT_BF16 && C == 3) {
+        uint16_t *q = (uint16_t *)out;
+        const float *a = y, *b = y + hw, *c = y + 2 * hw;
+        for (int64_t i = 0; i < hw; i++) {
+            q[3 * i] = bf16_rtne(a[i]);
+            q[3 * i + 1] = bf16_rtne(b[i]);
+            q[3 * i + 2] = bf16_rtne(c[i]);
+        }
         return;
     }
-    for (int64_t done = 0; done < n;) {      /* a run of elements stays within one channel */
-        int64_t e = e0 + done, channel = e / hw, pixel = e % hw;
-        int64_t m = n - done < hw - pixel ? n - done : hw - pixel;
-        put(p, y + done, m, out_row, pixel * p->channels + channel, p->channels);
-        done += m;
+    if (p->out_dtype == OUT_F32 && C == 3) {
+        float *q = (float *)out;
+        const float *a = y, *b = y + hw, *c = y + 2 * hw;
+        for (int64_t i = 0; i < hw; i++) {
+            q[3 * i] = a[i];
+            q[3 * i + 1] = b[i];
+            q[3 * i + 2] = c[i];
+        }
+        return;
     }
+    for (int64_t i = 0; i < hw; i++)
+        for (int64_t ch = 0; ch < C; ch++) {
+            float v = y[ch * hw + i];
+            if (p->out_dtype == OUT_F32) ((float *)out)[i * C + ch] = v;
+            else if (p->out_dtype == OUT_BF16) ((uint16_t *)out)[i * C + ch] = bf16_rtne(v);
+            else ((_Float16 *)out)[i * C + ch] = (_Float16)v;
+        }
 }
 
 /* Copies first_copy .. first_copy + count - 1 of image ``image`` from ``x`` (float32 pixels, or int32
@@ -404,6 +427,10 @@ int fs_fill(const fs_plan *p, const void *x, void *out, int64_t row_stride, uint
     const int64_t hw = p->channels ? d / p->channels : 1;
     const size_t item = p->out_dtype == OUT_F32 ? 4 : 2;
     union { float f[CHUNK]; int32_t i[CHUNK]; } vals;
+    float y[LANE];
+    /* channels_last: the copy's model inputs in logical order, then one transposing store */
+    float *whole = p->channels ? (float *)malloc((size_t)d * sizeof(float)) : NULL;
+    if (p->channels && whole == NULL) return -1;
     for (int64_t c = 0; c < count; c++) {
         uint32_t copy = first_copy + (uint32_t)c;
         expinf_copy ex = { 0.0, -1, 1.0f };
@@ -420,14 +447,21 @@ int fs_fill(const fs_plan *p, const void *x, void *out, int64_t row_stride, uint
             int groups = n < LANE ? (int)n : LANE;   /* lanes 1-3 hold elements only in a full lane run */
             if (p->grid) grid_chunk(p, (uint32_t)ch, groups, (int)n, copy, image, &ex, a, vals.i);
             else float_chunk(p, (uint32_t)ch, groups, (int)n, copy, image, &ex, radius, vals.f);
-            /* a partial chunk holds lanes l with e0 + l*128 + t < d: store lane by lane */
+            /* a partial chunk holds lanes l with e0 + l*128 + t < d: lane by lane */
             for (int l = 0; l < 4; l++) {
                 int64_t start = l * LANE, len = n - start < LANE ? n - start : LANE;
                 if (len <= 0) break;
-                store(p, x, (const char *)&vals + start * 4, e0 + start, len, row, hw);
+                if (whole != NULL) {
+                    model_input(p, x, (const char *)&vals + start * 4, e0 + start, len, whole + e0 + start);
+                } else {
+                    model_input(p, x, (const char *)&vals + start * 4, e0 + start, len, y);
+                    put(p, y, len, row, e0 + start);
+                }
             }
         }
+        if (whole != NULL) put_channels_last(p, whole, hw, row);
     }
+    free(whole);
     return 0;
 }
 
