@@ -141,3 +141,25 @@ def test_native_isa_paths_draw_the_same_words(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         batches.append(torch.load(path))
     assert torch.equal(batches[0], batches[1]) and torch.equal(batches[1], batches[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_votes_equal_the_reference(dtype):
+    """The native vote (one C pass for float32 logits; the torch twin otherwise) against vote_reference:
+    ties to the lowest class, NaN and +-inf rows counted apart and never voting."""
+    from fastsmooth.kernels.vote import vote_reference
+
+    g = torch.Generator().manual_seed(0)
+    backend = make_backend("native", "cpu")
+    for _ in range(10):
+        logits = torch.randint(-3, 3, (257, 7), generator=g).float()
+        logits[torch.rand(257, generator=g) < 0.05, 2] = math.nan
+        logits[torch.rand(257, generator=g) < 0.05, 4] = -math.inf
+        logits[torch.rand(257, generator=g) < 0.05, 0] = math.inf
+        logits = logits.to(dtype)
+        slots = torch.randint(0, 3, (257,), generator=g)
+        counts, bad = torch.zeros(3, 7, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+        ref_counts, ref_bad = torch.zeros(3, 7, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+        backend.vote(logits, slots, counts, bad)
+        vote_reference(logits, slots, ref_counts, ref_bad)
+        assert torch.equal(counts, ref_counts) and torch.equal(bad, ref_bad) and int(bad) > 0

@@ -453,6 +453,8 @@ int fs_fill(const fs_plan *p, const void *x, void *out, int64_t row_stride, uint
                 if (len <= 0) break;
                 if (whole != NULL) {
                     model_input(p, x, (const char *)&vals + start * 4, e0 + start, len, whole + e0 + start);
+                } else if (p->out_dtype == OUT_F32) {   /* straight into the row: no second pass */
+                    model_input(p, x, (const char *)&vals + start * 4, e0 + start, len, (float *)row + e0 + start);
                 } else {
                     model_input(p, x, (const char *)&vals + start * 4, e0 + start, len, y);
                     put(p, y, len, row, e0 + start);
@@ -490,6 +492,28 @@ int fs_fill_pieces(const fs_plan *p, const fs_piece *pieces, int64_t n_pieces, i
     return failed ? -1 : 0;
 }
 
+/* Votes of float32 logits (rows x K, row stride in elements): counts[slots[b] * K + argmax] += 1 for rows
+   whose logits are all finite, ties to the lowest class (as torch.argmax); the other rows add one to
+   *nonfinite and never vote (DESIGN §5). The torch twin is kernels/vote.py's vote_reference. */
+void fs_vote(const float *logits, int64_t rows, int64_t K, int64_t row_stride, const int64_t *slots,
+             int64_t *counts, int64_t *nonfinite) {
+    int64_t bad = 0;
+    for (int64_t b = 0; b < rows; b++) {
+        const float *z = logits + b * row_stride;
+        int64_t best = 0;
+        float top = z[0];
+        int finite = 1;
+        for (int64_t k = 0; k < K; k++) {
+            float v = z[k];
+            finite &= (v - v) == 0.0f;              /* false for NaN and +-inf */
+            if (v > top) { top = v; best = k; }
+        }
+        if (finite) counts[slots[b] * K + best] += 1;
+        else bad += 1;
+    }
+    *nonfinite += bad;
+}
+
 int fs_openmp(void) {
 #ifdef _OPENMP
     return 1;
@@ -498,7 +522,7 @@ int fs_openmp(void) {
 #endif
 }
 
-int fs_abi_version(void) { return 2; }
+int fs_abi_version(void) { return 3; }
 
 /* Which Philox path runs: 2 AVX-512, 1 AVX2, 0 scalar (FASTSMOOTH_NATIVE_ISA=avx2|scalar caps it, for tests). */
 int fs_isa(void) {
