@@ -50,13 +50,13 @@ import torch
 from torch import nn
 
 from ..checks import check_alpha, check_image, check_norm, check_positive_int
+from . import call_seed
 from ..grid import check_input_grid, on_grid
 from ..noises import Gaussian, Noise, make_noise
 from ..sampler import Job, model_device
 from ..smooth import Smooth as _EngineSmooth
 from ..stats import clopper_pearson_lower, predict_from_counts
 
-_SEED_BOUND = 2**63 - 1
 
 
 class Smooth(object):
@@ -152,7 +152,7 @@ class Smooth(object):
         return self._engine
 
     def _fresh_seed(self) -> int:
-        return int(torch.randint(0, _SEED_BOUND, (), dtype=torch.int64, generator=self.generator))
+        return call_seed(self.generator)
 
     @staticmethod
     def _as_image(x: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Optional
 
 import numpy as np
 import torch
@@ -61,6 +60,7 @@ from torch.distributions import Categorical
 from ..backends import draw_noise
 from ..checks import check_alpha, check_dim, check_positive_int, positive_float
 from ..grid import on_grid
+from . import call_seed
 from ..noises import Noise as _FastNoise
 from ..noises import make_noise
 from ..sampler import Job, Sampler, model_device
@@ -75,7 +75,6 @@ __all__ = [
 ]
 
 _ADVERSARIES = {1: "l1", 2: "l2", math.inf: "linf"}
-_SEED_BOUND = 2**63 - 1
 
 
 def _noisy(noise: _FastNoise, x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +85,7 @@ def _noisy(noise: _FastNoise, x: torch.Tensor) -> torch.Tensor:
     makes a run reproducible either way), in float32 on x's device."""
     # Float arithmetic: these copies train a model (rs4a's sample); certification (below) goes through
     # the engine, in grid mode for inputs on the 8-bit grid.
-    seed = int(torch.randint(0, _SEED_BOUND, (), dtype=torch.int64))
+    seed = call_seed()
     eps = draw_noise(noise, x.shape[0], x.shape[1:], seed=seed, image_index=0, domain=DOMAIN_TRAIN, device=x.device)
     return x + eps
 
@@ -312,7 +311,7 @@ def _totals(model, x, noise, sample_size, noise_batch_size, soft, backend, preci
         model.eval()
         sampler = _engine(model, noise.fastsmooth_noise, x, backend, precision)
         # A fresh seed per call: the noise of copy c of image i is a pure function of (seed, i, c).
-        sampler.seed = int(torch.randint(0, _SEED_BOUND, (), dtype=torch.int64))
+        sampler.seed = call_seed()
         jobs = [Job(image, i, 0, n) for i, image in enumerate(x.detach())]
         return sampler.run(jobs, len(jobs) * min(n, per_image), soft=soft), sampler
     finally:
