@@ -13,30 +13,15 @@ from fastsmooth import Smooth
 from fastsmooth.backends import draw_noise, make_backend
 from fastsmooth.noises import make_noise
 
-NOISES = {
-    "gaussian": dict(name="gaussian", sigma=0.5),
-    "laplace": dict(name="laplace", scale=0.3),
-    "uniform": dict(name="uniform", sigma=0.25),
-    "expinf1": dict(name="expinf", k=1.0, sigma=0.5),
-    "expinf2": dict(name="expinf", k=2.0, scale=0.2),
-    "expinf_boost": dict(name="expinf", k=500.0, scale=0.2),
-}
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+from _noise_cases import DTYPES, NOISES, assert_float_close
+
 # float32 tolerance of float mode (the transcendental functions of C, numpy and torch differ by a few
 # ulps); one ulp of the output dtype beyond it for half precision
 F32_TOL = 4e-6
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor):
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    a, b = out.float(), ref.float()
-    if out.dtype == torch.float32:
-        torch.testing.assert_close(a, b, rtol=F32_TOL, atol=F32_TOL)
-    else:
-        fi = torch.finfo(out.dtype)
-        mag = torch.maximum(a.abs(), b.abs()).clamp(min=fi.tiny)
-        ulp = fi.eps * torch.exp2(torch.frexp(mag).exponent.float() - 1)
-        assert ((a - b).abs() <= ulp + F32_TOL * torch.clamp(b.abs(), min=1.0)).all()
+    assert_float_close(out, ref, F32_TOL)
 
 
 def fill(backend, shape, dtype, layout, noise, grid, seed=42):

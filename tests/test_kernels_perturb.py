@@ -15,17 +15,10 @@ from fastsmooth.kernels.samplers import NoisePlan
 from fastsmooth.noises import make_noise
 from fastsmooth.seeding import TAG_LAPLACE_TAIL
 
+from _noise_cases import DTYPES, NOISES, assert_float_close
+
 pk = importlib.import_module("fastsmooth.kernels.perturb")   # the module (the package's `perturb` is the function)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-NOISES = {
-    "gaussian": dict(name="gaussian", sigma=0.5),
-    "laplace": dict(name="laplace", scale=0.3),
-    "uniform": dict(name="uniform", sigma=0.25),
-    "expinf1": dict(name="expinf", k=1.0, sigma=0.5),
-    "expinf2": dict(name="expinf", k=2.0, scale=0.2),
-    "expinf_boost": dict(name="expinf", k=500.0, scale=0.2),      # d/k < 1: Gamma boost
-}
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def gen(seed: int) -> torch.Generator:
@@ -46,21 +39,7 @@ F32_TOL = 2e-6
 
 
 def assert_matches(out: torch.Tensor, ref: torch.Tensor):
-    """float32: within F32_TOL; bf16 / fp16: within one ulp of the output dtype beyond F32_TOL (a
-    float32 difference can move x + eps across a rounding boundary, and where x + eps nearly
-    cancels, a float32 difference is many ulps of the tiny result)."""
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    out, ref = out.cpu(), ref.cpu()
-    a, b = out.float(), ref.float()
-    assert torch.isfinite(a).all()
-    if out.dtype == torch.float32:
-        torch.testing.assert_close(a, b, rtol=F32_TOL, atol=F32_TOL)
-    else:
-        fi = torch.finfo(out.dtype)
-        mag = torch.maximum(a.abs(), b.abs()).clamp(min=fi.tiny)
-        ulp = fi.eps * torch.exp2(torch.frexp(mag).exponent.float() - 1)
-        allowed = ulp + F32_TOL * torch.clamp(b.abs(), min=1.0)
-        assert ((a - b).abs() <= allowed).all(), float(((a - b).abs() / ulp).max())
+    assert_float_close(out, ref, F32_TOL)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
